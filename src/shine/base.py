@@ -1,0 +1,150 @@
+"""The shell every shine optimizer shares: groups, state, checks, buckets; the math lives in rules."""
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+from typing import Any, Callable, Hashable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import engine
+from .engine import Pipeline
+from .validation import check_choice, check_grad, check_param
+
+NONFINITE = ("raise", "skip", "ignore")
+
+
+def state_zeros(p: Tensor, shape: Iterable[int] | None = None) -> Tensor:
+    """Zero optimizer state for ``p``: fp32 for fp16/bf16 parameters, else ``p``'s dtype.
+
+    With no ``shape`` it is ``zeros_like(p)`` (so a DTensor parameter gets DTensor state).
+    """
+    dtype = torch.float32 if p.dtype in engine.LOW_PRECISION else p.dtype
+    if shape is None:
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
+
+
+class ShineOptimizer(Optimizer):
+    """A ``torch.optim.Optimizer`` that routes each parameter to a :class:`Pipeline` and runs it.
+
+    Subclasses define four small methods: ``_check_group`` (validate
+    hyperparameters), ``_route`` (which pipeline a parameter takes),
+    ``_new_state`` (the zero state of a route) and ``_pipeline`` (the pipeline
+    and the hyperparameters of a route in a group, read fresh at every step so an
+    LR scheduler's changes take effect).
+
+    Common options:
+        foreach: multi-tensor kernels (default) or, with ``False``, the per-tensor reference loop.
+        fused: ``torch.compile`` the step into fused kernels (``True``), or not (``False``);
+            ``None`` picks the multi-tensor path. Without a working compiler ``True`` warns
+            once and uses the multi-tensor path.
+        nonfinite: what a NaN/inf gradient does: ``"raise"`` (default: an error naming the
+            parameter, state untouched), ``"skip"`` (the step is skipped, state untouched,
+            ``skipped_steps`` counts it) or ``"ignore"`` (no check, as torch.optim does).
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, foreach: bool | None, fused: bool | None,
+                 nonfinite: str):
+        check_choice("nonfinite", nonfinite, NONFINITE)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        super().__init__(params, {**defaults, "foreach": foreach, "fused": fused})
+
+    # ---- subclass interface ----------------------------------------------------------
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _route(self, group: dict[str, Any], p: Tensor) -> Hashable:
+        raise NotImplementedError
+
+    def _new_state(self, group: dict[str, Any], route: Hashable, p: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _pipeline(self, group: dict[str, Any], route: Hashable) -> tuple[Pipeline, dict[str, Any]]:
+        raise NotImplementedError
+
+    # ---- torch.optim.Optimizer API -----------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            check_param(p, type(self).__name__)
+        self._check_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, keeping each state tensor's saved dtype (torch would cast fp32 state to bf16 params)."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # ---- the step --------------------------------------------------------------------
+    def _update(self) -> bool:
+        """Run every bucket once; returns False when a non-finite gradient made it skip."""
+        name = type(self).__name__
+        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        for _, params in active:
+            for p in params:
+                check_grad(p.grad, name)
+        if not self._gradients_finite([p for _, ps in active for p in ps]):
+            return False
+        for group, params in active:
+            buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
+            for p in params:
+                route = self._route(group, p)
+                state = self.state[p]
+                if "step" not in state:
+                    state.update(self._new_state(group, route, p))
+                    state["step"] = torch.tensor(0.0)
+                state["step"] += 1
+                buckets[(route, p.device, p.dtype, float(state["step"]))].append(p)
+            for (route, device, _, step), ps in buckets.items():
+                pipe, hyper = self._pipeline(group, route)
+                engine.run_bucket(self._path(group, device), pipe, ps, [p.grad for p in ps],
+                                  [self.state[p] for p in ps], {**hyper, "step": step})
+        return True
+
+    def _path(self, group: dict[str, Any], device: torch.device) -> str:
+        if group["fused"] and engine.compiler_available(device.type):
+            return "fused"
+        return "per_tensor" if group["foreach"] is False else "foreach"
+
+    def _gradients_finite(self, params: list[Tensor]) -> bool:
+        if self.nonfinite == "ignore" or not params:
+            return True
+        by_device: dict[torch.device, list[Tensor]] = collections.defaultdict(list)
+        for p in params:
+            by_device[p.grad.device].append(p.grad)
+        if all(bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()) for gs in by_device.values()):
+            return True
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
+                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=4)
+            return False
+        bad = next((i, tuple(p.shape)) for i, p in enumerate(params) if not torch.isfinite(p.grad).all())
+        raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{bad[0]} "
+                           f"of shape {bad[1]}; no state was changed. Pass nonfinite='skip' to skip such steps.")
+
+
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """The multiplicative form of decoupled weight decay, ``1 - lr * wd``."""
+    return 1.0 - lr * weight_decay

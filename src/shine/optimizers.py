@@ -1,0 +1,323 @@
+"""The optimizers users construct: thin shells that validate hyperparameters and route parameters.
+
+Every update goes through :mod:`shine.engine` and the pure math of :mod:`shine.rules`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from . import rules
+from .base import ShineOptimizer, decay_factor, state_zeros
+from .engine import LOW_PRECISION, Pipeline
+from .validation import check_betas, check_choice, check_finite_nonneg, require
+
+_COMMON_DOC = """
+        cautious: mask the update where it disagrees in sign with the gradient
+            (Cautious optimizers, arXiv 2411.16085); weight decay is not masked.
+        maximize: maximize the objective instead of minimizing it.
+        foreach, fused, nonfinite: execution path and NaN/inf handling, see
+            :class:`shine.base.ShineOptimizer`.
+"""
+
+
+def _common(cautious: bool, maximize: bool) -> dict[str, Any]:
+    require(isinstance(cautious, bool), f"Invalid cautious: {cautious!r} (expected a bool)")
+    require(isinstance(maximize, bool), f"Invalid maximize: {maximize!r} (expected a bool)")
+    return {"cautious": cautious, "maximize": maximize}
+
+
+def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
+    check_finite_nonneg("lr", group["lr"], positive=positive_lr)
+    check_finite_nonneg("weight_decay", group["weight_decay"])
+
+
+def _adam_pipeline(group: dict[str, Any], **flags: Any) -> Pipeline:
+    return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"), ("beta1", "beta2", "eps", "step"),
+                    cautious=group["cautious"], maximize=group["maximize"], **flags)
+
+
+class AdamW(ShineOptimizer):
+    __doc__ = f"""AdamW (decoupled weight decay); with ``cautious=True`` it is C-AdamW.
+
+    ``u = m_hat / (sqrt(v_hat) + eps)``; ``p = p * (1 - lr*wd) - lr*u``. Defaults as torch.optim.AdamW.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay: as in torch.optim.AdamW.{_COMMON_DOC}"""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, cautious: bool = False, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_common(cautious, maximize))
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+
+    def _check_group(self, group):
+        _check_lr_wd(group)
+        check_betas("betas", group["betas"], 2)
+        check_finite_nonneg("eps", group["eps"])
+
+    def _route(self, group, p):
+        return "adamw"
+
+    def _new_state(self, group, route, p):
+        return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
+
+    def _pipeline(self, group, route):
+        beta1, beta2 = group["betas"]
+        return _adam_pipeline(group), dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]),
+                                           beta1=beta1, beta2=beta2, eps=group["eps"])
+
+
+class Lion(ShineOptimizer):
+    __doc__ = f"""Lion (arXiv 2302.06675); with ``cautious=True`` it is C-Lion.
+
+    ``u = sign(beta1*m + (1-beta1)*g)``; ``p = p * (1 - lr*wd) - lr*u``; then
+    ``m = beta2*m + (1-beta2)*g``. Use an lr 3-10x smaller than AdamW's and a
+    weight decay 3-10x larger. The C-Lion paper uses betas (0.95, 0.98).
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, weight_decay: as in the Lion paper.{_COMMON_DOC}"""
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, cautious: bool = False, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, **_common(cautious, maximize))
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+
+    def _check_group(self, group):
+        _check_lr_wd(group)
+        check_betas("betas", group["betas"], 2)
+
+    def _route(self, group, p):
+        return "lion"
+
+    def _new_state(self, group, route, p):
+        return {"exp_avg": state_zeros(p)}
+
+    def _pipeline(self, group, route):
+        beta1, beta2 = group["betas"]
+        pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"),
+                        cautious=group["cautious"], maximize=group["maximize"])
+        return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]),
+                          beta1=beta1, beta2=beta2)
+
+
+MARS_TYPES = ("adamw", "lion", "shampoo")
+
+
+class MARS(ShineOptimizer):
+    __doc__ = f"""MARS (arXiv 2411.10438): variance-reduced, preconditioned momentum.
+
+    For 2-D parameters (all parameters with ``optimize_1d=True``)::
+
+        c = g + gamma * beta1/(1-beta1) * (g - g_prev);  c = c / max(||c||, 1)
+        m = beta1*m + (1-beta1)*c
+        u = m_hat/(sqrt(v_hat)+eps)          (mars_type="adamw", v from c)
+            sign(m)                          (mars_type="lion")
+            NS5(m/(1-beta1)) * sqrt(max(1, rows/cols))   (mars_type="shampoo")
+        p = p - lr * (wd*p + u)
+
+    Other parameters (biases, norms, conv kernels) take plain AdamW with
+    ``lr_1d * lr / lr_at_construction`` (so a schedule scales both),
+    ``betas_1d``, ``weight_decay_1d`` and no correction, as the reference does.
+
+    Approximate mode (``approx=True``, default, the paper's headline setting):
+    ``g_prev`` is a copy of the previous step's gradient.
+
+    Exact mode (``approx=False``): ``g_prev`` is the CURRENT mini-batch's gradient at
+    the PREVIOUS parameters, which costs a second backward pass per step::
+
+        for batch, next_batch in pairs:               # next_batch: the one after batch
+            opt.zero_grad(); loss_fn(next_batch).backward(); opt.stash_grad()
+            opt.zero_grad(); loss_fn(batch).backward(); opt.step()
+
+    or, equivalently, ``opt.step(closure, next_closure=...)`` with closures that
+    zero the gradients, run backward and return the loss. ``stash_grad`` records
+    the gradient of the next batch at the current parameters; ``step`` uses the
+    stash of the previous iteration (zero at step 1). A global gradient-norm clip
+    before ``stash_grad``/``step`` clips ``g_prev`` too, as in the reference recipes.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay: reference defaults 3e-3, (0.95, 0.99), 1e-8, 0.
+        gamma: strength of the variance-reduction term (0 turns MARS into its base optimizer
+            on clipped gradients).
+        mars_type: "adamw", "lion" or "shampoo" ("mars-" prefix accepted).
+        approx: approximate (one gradient per step) or exact mode.
+        optimize_1d: use MARS for every parameter, not only 2-D ones.
+        lr_1d, betas_1d, weight_decay_1d: the AdamW of the other parameters.
+        ns_steps: Newton–Schulz iterations for "shampoo".
+        ns_dtype: dtype of the Newton–Schulz arithmetic (None: float32; the reference uses bfloat16).{_COMMON_DOC}"""
+
+    def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, gamma: float = 0.025, mars_type: str = "adamw", approx: bool = True,
+                 optimize_1d: bool = False, lr_1d: float = 3e-3, betas_1d: tuple[float, float] = (0.9, 0.95),
+                 weight_decay_1d: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 cautious: bool = False, maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, nonfinite: str = "raise"):
+        if isinstance(mars_type, str) and mars_type.startswith("mars-"):
+            mars_type = mars_type[len("mars-"):]
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma, mars_type=mars_type,
+                        approx=approx, optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=betas_1d,
+                        weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
+                        **_common(cautious, maximize))
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+
+    def _check_group(self, group):
+        _check_lr_wd(group, positive_lr=True)
+        check_betas("betas", group["betas"], 2)
+        check_finite_nonneg("eps", group["eps"])
+        check_finite_nonneg("gamma", group["gamma"])
+        check_choice("mars_type", group["mars_type"], MARS_TYPES)
+        check_finite_nonneg("lr_1d", group["lr_1d"])
+        check_betas("betas_1d", group["betas_1d"], 2)
+        check_finite_nonneg("weight_decay_1d", group["weight_decay_1d"])
+        require(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
+                f"Invalid ns_steps: {group['ns_steps']!r} (expected an int >= 1)")
+        for flag in ("approx", "optimize_1d"):
+            require(isinstance(group[flag], bool), f"Invalid {flag}: {group[flag]!r} (expected a bool)")
+        group.setdefault("lr_at_construction", group["lr"])
+
+    def _route(self, group, p):
+        if not (p.ndim == 2 or group["optimize_1d"]):
+            return "adamw_1d"
+        if group["mars_type"] == "shampoo" and p.ndim != 2:
+            return "mars_adamw"
+        return "mars_" + group["mars_type"]
+
+    def _new_state(self, group, route, p):
+        state = {"exp_avg": state_zeros(p)}
+        if route in ("mars_adamw", "adamw_1d"):
+            state["exp_avg_sq"] = state_zeros(p)
+        if route != "adamw_1d":
+            state["prev_grad"] = state_zeros(p)
+        return state
+
+    def _pipeline(self, group, route):
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        if route == "adamw_1d":
+            lr_1d = lr * group["lr_1d"] / group["lr_at_construction"]
+            beta1_1d, beta2_1d = group["betas_1d"]
+            return _adam_pipeline(group), dict(lr=lr_1d, decay=decay_factor(lr_1d, group["weight_decay_1d"]),
+                                               beta1=beta1_1d, beta2=beta2_1d, eps=group["eps"])
+        flags = dict(correction=True, approx=group["approx"], cautious=group["cautious"], maximize=group["maximize"])
+        if route == "mars_adamw":
+            pipe = _adam_pipeline(group, correction=True, approx=group["approx"])
+        elif route == "mars_lion":
+            pipe = Pipeline(rules.sign_momentum, ("exp_avg",), ("beta1",), **flags)
+        else:
+            pipe = Pipeline(rules.orthogonal_momentum, ("exp_avg",), ("beta1", "ns_steps", "ns_dtype"), **flags)
+        return pipe, dict(lr=lr, decay=decay_factor(lr, group["weight_decay"]), beta1=beta1, beta2=beta2,
+                          eps=group["eps"], gamma=group["gamma"], ns_steps=group["ns_steps"],
+                          ns_dtype=group["ns_dtype"])
+
+    def _exact_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups if not g["approx"] for p in g["params"]
+                if p.grad is not None and self._route(g, p) != "adamw_1d"]
+
+    @torch.no_grad()
+    def stash_grad(self) -> None:
+        """Exact mode: record each ``p.grad`` (a copy) as the ``g_prev`` of the NEXT step."""
+        if all(g["approx"] for g in self.param_groups):
+            raise RuntimeError("MARS.stash_grad() is for exact mode only (construct with approx=False)")
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p in self._exact_params():
+            g = p.grad.float() if p.grad.dtype in LOW_PRECISION else p.grad.clone()
+            self.state[p]["next_prev_grad"] = g.neg_() if groups[id(p)]["maximize"] else g
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None,
+             next_closure: Callable[[], Any] | None = None) -> Any:
+        """One MARS step. In exact mode, ``next_closure`` (optional) computes the next batch's gradient first."""
+        if next_closure is not None:
+            require(closure is not None, "MARS.step(next_closure=...) also needs closure (the current batch)")
+            with torch.enable_grad():
+                next_closure()
+            self.stash_grad()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        exact = self._exact_params()
+        missing = [p for p in exact if "next_prev_grad" not in self.state[p]]
+        if missing:
+            raise RuntimeError(f"MARS exact mode (approx=False): {len(missing)} parameter(s) have no stashed "
+                               "gradient. Each iteration, compute the NEXT batch's gradient and call "
+                               "opt.stash_grad() before the current batch's backward and opt.step() "
+                               "(or pass next_closure=...).")
+        if self._update():
+            for p in exact:
+                self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")
+        return loss
+
+
+CONV_FACTORING = ("flatten", "last2")
+
+
+class CAME(ShineOptimizer):
+    __doc__ = f"""CAME (arXiv 2307.02047): Adam-level results with Adafactor-sized second moments.
+
+    A matrix ``n x m`` keeps its momentum plus factored second-moment and
+    confidence statistics: ``n*m + 2(n+m)`` numbers (Adam: ``2nm``). Vectors use
+    an unfactored second moment and no confidence term. No bias correction, as in
+    the reference, so the first steps are large (step 1 is about
+    ``(1-b1)/(b1*sqrt(1-b3))`` times Adam's with the defaults): use warmup.
+    Recommended lr: 0.5-0.9x the AdamW lr; ``betas[2] > betas[1]``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: required.
+        betas: (b1, b2, b3) for momentum, second moment, confidence; reference (0.9, 0.999, 0.9999).
+        eps: (eps1, eps2) added to g^2 and to the squared instability; reference (1e-30, 1e-16).
+        clip_threshold: RMS bound of the normalised update (1.0).
+        weight_decay: decoupled, ``p -= lr*wd*p`` before the update.
+        factor_conv: tensors with more than 2 dims are factored as ``(shape[0], rest)``
+            with "flatten" (default, smaller state than Adam's for every conv) or over
+            their last two dims with "last2" (the reference).{_COMMON_DOC}"""
+
+    def __init__(self, params: Any, lr: float | None = None, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 eps: tuple[float, float] = (1e-30, 1e-16), clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
+                 factor_conv: str = "flatten", cautious: bool = False, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+        require(lr is not None, "CAME needs an explicit lr (recommended: 0.5-0.9x your AdamW lr)")
+        defaults = dict(lr=lr, betas=betas, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+                        factor_conv=factor_conv, **_common(cautious, maximize))
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+
+    def _check_group(self, group):
+        _check_lr_wd(group)
+        check_betas("betas", group["betas"], 3)
+        eps = group["eps"]
+        require(isinstance(eps, (tuple, list)) and len(eps) == 2, f"Invalid eps: {eps!r} (expected (eps1, eps2))")
+        check_finite_nonneg("eps[0]", eps[0])
+        check_finite_nonneg("eps[1]", eps[1])
+        check_finite_nonneg("clip_threshold", group["clip_threshold"], positive=True)
+        check_choice("factor_conv", group["factor_conv"], CONV_FACTORING)
+
+    def _route(self, group, p):
+        return "unfactored" if rules.factored_shapes(p.shape, group["factor_conv"]) is None else "factored"
+
+    def _new_state(self, group, route, p):
+        if route == "unfactored":
+            return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
+        row, col = rules.factored_shapes(p.shape, group["factor_conv"])
+        return {"exp_avg": state_zeros(p), "exp_avg_sq_row": state_zeros(p, row), "exp_avg_sq_col": state_zeros(p, col),
+                "exp_avg_res_row": state_zeros(p, row), "exp_avg_res_col": state_zeros(p, col)}
+
+    def _pipeline(self, group, route):
+        beta1, beta2, beta3 = group["betas"]
+        flags = dict(cautious=group["cautious"], maximize=group["maximize"])
+        if route == "unfactored":
+            pipe = Pipeline(rules.came_unfactored, ("exp_avg", "exp_avg_sq"),
+                            ("beta1", "beta2", "eps1", "clip_threshold"), **flags)
+        else:
+            pipe = Pipeline(rules.came_factored, ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
+                                                  "exp_avg_res_col"),
+                            ("beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold"), **flags)
+        return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]), beta1=beta1,
+                          beta2=beta2, beta3=beta3, eps1=group["eps"][0], eps2=group["eps"][1],
+                          clip_threshold=group["clip_threshold"])

@@ -1,0 +1,26 @@
+"""The math of every update rule, as pure functions on tensors.
+
+Each function takes the gradient estimate ``x`` and the state tensors it owns
+(updated in place), plus hyperparameters as numbers or 0-d tensors, and returns
+the update direction ``u`` (the optimizer then does ``p -= lr * u``). Written
+with plain tensor methods, every function runs unchanged on a single tensor
+(reference path), on a :class:`shine.tensorlist.TensorList` (multi-tensor path)
+and under ``torch.compile`` (fused path). Nothing here allocates state or reads
+a parameter group.
+
+    gradient -> [estimate] -> [precondition] -> [mask] -> [apply]
+                mars.py       adamw.py lion.py   caution.py  apply.py
+                              came.py newton_schulz.py
+"""
+from .adamw import adamw
+from .apply import apply_update
+from .came import came_factored, came_unfactored, factored_shapes
+from .caution import caution
+from .lion import lion
+from .mars import mars_correction, sign_momentum, orthogonal_momentum
+from .newton_schulz import newton_schulz5
+
+__all__ = [
+    "adamw", "apply_update", "came_factored", "came_unfactored", "factored_shapes", "caution",
+    "lion", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
+]

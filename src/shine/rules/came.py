@@ -1,0 +1,70 @@
+"""CAME (Luo et al., arXiv 2307.02047): Adafactor's factored second moment plus a factored confidence term.
+
+The factoring is read off the state shapes: a row state of shape ``[..., n]`` and
+a column state of shape ``[..., m]`` mean the gradient is viewed as
+``[..., n, m]``. :func:`factored_shapes` chooses them when state is created.
+"""
+import math
+
+import torch
+
+from ..tensorlist import per_tensor
+
+
+def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Row and column state shapes for a parameter, or ``None`` for the unfactored path.
+
+    ``mode="flatten"`` views an N-d tensor (N > 2) as ``(shape[0], prod(shape[1:]))``,
+    so a conv kernel ``[out, in, kh, kw]`` is factored as ``(out, in*kh*kw)``.
+    ``mode="last2"`` is the reference: factor over the last two dims (which makes
+    the state of 1x1 and 3x3 convs larger than Adam's).
+    """
+    if len(shape) < 2:
+        return None
+    if len(shape) > 2 and mode == "flatten":
+        shape = (shape[0], math.prod(shape[1:]))
+    return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
+
+
+def _rms(t):
+    return t.norm() / t.numel() ** 0.5
+
+
+def _factored_rsqrt(row, col):
+    """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
+    return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+
+
+@per_tensor
+def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
+                  beta1, beta2, beta3, eps1, eps2, clip_threshold):
+    """One CAME step for a matrix (or a stack of them); returns the update direction."""
+    shape = x.shape
+    x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+    m = exp_avg.view(x.shape)
+    sq = x * x + eps1
+    exp_avg_sq_row.lerp_(sq.mean(dim=-1), 1 - beta2)
+    exp_avg_sq_col.lerp_(sq.mean(dim=-2), 1 - beta2)
+    u = x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
+    u = u / (_rms(u) / clip_threshold).clamp_min(1.0)
+    m.lerp_(u, 1 - beta1)
+    res = (u - m) ** 2 + eps2
+    exp_avg_res_row.lerp_(res.mean(dim=-1), 1 - beta3)
+    exp_avg_res_col.lerp_(res.mean(dim=-2), 1 - beta3)
+    return (m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col)).view(shape)
+
+
+def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):
+    """CAME for vectors and scalars: RMS-clipped Adafactor step, then momentum; no confidence term.
+
+    Returns the momentum itself: :func:`shine.rules.apply_update` never writes to
+    the direction (the reference once scaled ``m`` in place by lr, a bug).
+    """
+    exp_avg_sq.lerp_(x * x + eps1, 1 - beta2)
+    u = x * exp_avg_sq.rsqrt()
+    u = u / (_rms_each(u) / clip_threshold).clamp_min(1.0)
+    exp_avg.lerp_(u, 1 - beta1)
+    return exp_avg
+
+
+_rms_each = per_tensor(_rms)

@@ -1,0 +1,41 @@
+"""MARS (Yuan et al., arXiv 2411.10438): variance-reduced gradient estimate.
+
+The correction turns the gradient into ``c``; the preconditioners that follow it
+are Adam's (:func:`shine.rules.adamw`), the sign of the momentum (MARS-Lion) and
+the orthogonalised momentum (MARS-Shampoo).
+"""
+from .newton_schulz import newton_schulz5
+from ..tensorlist import per_tensor
+
+
+def mars_correction(g, prev_grad, *, gamma, beta1):
+    """Return ``c = g + gamma*beta1/(1-beta1)*(g - g_prev)``, clipped to Euclidean norm <= 1.
+
+    The clip is written as ``c / max(||c||, 1)``: the same numbers as the
+    paper's if-branch without a host synchronisation per tensor. The norm is a
+    whole-tensor reduction, so a sharded DTensor gets the global norm.
+    """
+    c = g + (g - prev_grad) * (gamma * beta1 / (1 - beta1))
+    return c / c.norm().clamp_min(1.0)
+
+
+def sign_momentum(x, exp_avg, *, beta1):
+    """MARS-Lion: ``m = beta1*m + (1-beta1)*x``; return ``sign(m)``."""
+    exp_avg.lerp_(x, 1 - beta1)
+    return exp_avg.sign()
+
+
+def orthogonal_momentum(x, exp_avg, *, beta1, ns_steps, ns_dtype=None):
+    """MARS-Shampoo: ``m = beta1*m + (1-beta1)*x``; return the orthogonalised ``m/(1-beta1)``.
+
+    The Newton–Schulz result is scaled by ``sqrt(max(1, rows/cols))`` as in the
+    reference, so tall matrices take steps of comparable RMS.
+    """
+    exp_avg.lerp_(x, 1 - beta1)
+    return _scaled_orthogonalisation(exp_avg / (1 - beta1), ns_steps=ns_steps, ns_dtype=ns_dtype)
+
+
+@per_tensor
+def _scaled_orthogonalisation(m, *, ns_steps, ns_dtype):
+    rows, cols = m.shape[-2], m.shape[-1]
+    return newton_schulz5(m, steps=ns_steps, dtype=ns_dtype) * max(1.0, rows / cols) ** 0.5

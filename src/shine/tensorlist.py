@@ -1,0 +1,106 @@
+"""A list of tensors that does arithmetic with ``torch._foreach_*`` kernels.
+
+The update rules in :mod:`shine.rules` are written once, with ordinary tensor
+methods and operators. Called on plain tensors they are the per-tensor
+reference path; called on :class:`TensorList` s they become the multi-tensor
+path, because every method used by the rules maps to a foreach kernel here
+(one launch for the whole list) or, for the few without one (comparisons,
+reductions along a dim, reshapes), to a loop over the elements.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+_Operand = Any  # a number, a 0-d tensor, a list of numbers or a TensorList
+
+
+class TensorList:
+    """An ordered list of tensors supporting the tensor API used by the rules."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Iterable[Tensor]):
+        self.tensors = list(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"TensorList({[tuple(t.shape) for t in self.tensors]})"
+
+    # ---- foreach-backed arithmetic -------------------------------------------------
+    @staticmethod
+    def _arg(x: _Operand):
+        return x.tensors if isinstance(x, TensorList) else x
+
+    def _binary(self, op: Callable, other: _Operand) -> "TensorList":
+        return TensorList(op(self.tensors, self._arg(other)))
+
+    def __add__(self, o): return self._binary(torch._foreach_add, o)
+    def __sub__(self, o): return self._binary(torch._foreach_sub, o)
+    def __mul__(self, o): return self._binary(torch._foreach_mul, o)
+    def __truediv__(self, o): return self._binary(torch._foreach_div, o)
+    def __pow__(self, o): return self._binary(torch._foreach_pow, o)
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def __rsub__(self, o): return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), self._arg(o)))
+    def __neg__(self): return TensorList(torch._foreach_neg(self.tensors))
+
+    def add_(self, o): torch._foreach_add_(self.tensors, self._arg(o)); return self
+    def sub_(self, o): torch._foreach_sub_(self.tensors, self._arg(o)); return self
+    def mul_(self, o): torch._foreach_mul_(self.tensors, self._arg(o)); return self
+    def div_(self, o): torch._foreach_div_(self.tensors, self._arg(o)); return self
+    def copy_(self, o): torch._foreach_copy_(self.tensors, self._arg(o)); return self
+    def lerp_(self, end, w): torch._foreach_lerp_(self.tensors, self._arg(end), self._arg(w)); return self
+    def lerp(self, end, w): return TensorList(torch._foreach_lerp(self.tensors, self._arg(end), self._arg(w)))
+    def sqrt(self): return TensorList(torch._foreach_sqrt(self.tensors))
+    def rsqrt(self): return TensorList(torch._foreach_rsqrt(self.tensors))
+    def sign(self): return TensorList(torch._foreach_sign(self.tensors))
+    def abs(self): return TensorList(torch._foreach_abs(self.tensors))
+    def clamp_min(self, o): return self._binary(torch._foreach_clamp_min, o)
+    def norm(self): return TensorList(torch._foreach_norm(self.tensors))
+
+    # ---- everything else: one call per element -------------------------------------
+    def __getattr__(self, name: str):
+        def method(*args, **kwargs):
+            return _map(lambda t, *a: getattr(t, name)(*a, **kwargs), self, *args)
+        return method
+
+    def __gt__(self, o): return _map(lambda t, x: t > x, self, o)
+    def __getitem__(self, index): return _map(lambda t: t[index], self)
+
+
+def _map(fn: Callable, *args: _Operand):
+    """Apply ``fn`` element-wise, zipping TensorList arguments and broadcasting the rest."""
+    n = next(len(a) for a in args if isinstance(a, TensorList))
+    columns = [a.tensors if isinstance(a, TensorList) else [a] * n for a in args]
+    out = [fn(*row) for row in zip(*columns)]
+    if all(o is None for o in out):
+        return None
+    if isinstance(out[0], tuple):
+        return tuple(TensorList(col) for col in zip(*out))
+    return TensorList(out)
+
+
+def per_tensor(fn: Callable) -> Callable:
+    """Let a function written for one tensor accept TensorLists (it is then mapped).
+
+    Used for the math whose shape matters (matrix factoring, Newton–Schulz), where
+    tensors of different shapes cannot share a foreach kernel anyway.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(isinstance(a, TensorList) for a in args):
+            return _map(lambda *a: fn(*a, **kwargs), *args)
+        return fn(*args, **kwargs)
+
+    return wrapper

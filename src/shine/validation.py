@@ -1,0 +1,54 @@
+"""Hyperparameter and input checks shared by every optimizer: each error names the problem."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> None:
+    """A finite number >= 0 (> 0 when ``positive``)."""
+    bound = "> 0" if positive else ">= 0"
+    require(_is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0),
+            f"Invalid {name}: {value!r} (expected a finite number {bound})")
+
+
+def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
+    """``count`` coefficients, each in [0, 1)."""
+    require(isinstance(betas, (tuple, list)) and len(betas) == count,
+            f"Invalid {name}: {betas!r} (expected a tuple of {count} numbers in [0, 1))")
+    for i, b in enumerate(betas):
+        require(_is_number(b) and 0.0 <= b < 1.0, f"Invalid {name}[{i}]: {b!r} (expected a number in [0, 1))")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """One of ``choices``."""
+    require(value in choices, f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def check_param(p: torch.Tensor, optimizer: str) -> None:
+    """A real floating-point leaf tensor."""
+    if p.is_complex():
+        raise ValueError(f"{optimizer} does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)}); "
+                         "optimize torch.view_as_real(p) instead")
+    require(p.is_floating_point(), f"{optimizer} needs floating-point parameters (got {p.dtype})")
+
+
+def check_grad(g: torch.Tensor, optimizer: str) -> None:
+    """A dense, real gradient."""
+    if g.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam "
+                           "or a dense embedding (sparse=False)")
+    if g.is_complex():
+        raise RuntimeError(f"{optimizer} does not support complex gradients (got {g.dtype})")
