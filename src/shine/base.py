@@ -118,14 +118,10 @@ class ShineOptimizer(Optimizer):
                 buckets[(route, p.device, p.dtype, float(state["step"]))].append(p)
             for (route, device, _, step), ps in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
-                engine.run_bucket(self._path(group, device), pipe, ps, [p.grad for p in ps],
-                                  [self.state[p] for p in ps], {**hyper, "step": step})
+                path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in ps))
+                engine.run_bucket(path, pipe, ps, [p.grad for p in ps], [self.state[p] for p in ps],
+                                  {**hyper, "step": step})
         return True
-
-    def _path(self, group: dict[str, Any], device: torch.device) -> str:
-        if group["fused"] and engine.compiler_available(device.type):
-            return "fused"
-        return "per_tensor" if group["foreach"] is False else "foreach"
 
     def _gradients_finite(self, params: list[Tensor]) -> bool:
         if self.nonfinite == "ignore" or not params:

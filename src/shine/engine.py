@@ -96,6 +96,13 @@ def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tens
         raise ValueError(f"unknown execution path {path!r}; expected one of {PATHS}")
 
 
+def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
+    """The execution path for a bucket of ``numel`` elements, from the user's ``fused``/``foreach`` flags."""
+    if fused and compiler_available(device.type):
+        return "fused"
+    return "per_tensor" if foreach is False else "foreach"
+
+
 def _state_names(pipe: Pipeline) -> tuple[str, ...]:
     return pipe.state + (("prev_grad",) if pipe.correction else ())
 
