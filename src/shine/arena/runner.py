@@ -1,0 +1,214 @@
+"""Training runs of the arena, one (optimizer, lr, seed) at a time, logged as each one finishes.
+
+Every optimizer trains the same model from the same initialisation on the same batches for a
+given seed (a paired comparison), under the recipe of the papers: linear warmup, cosine decay,
+global gradient-norm clip 1.0 before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import shine
+
+from .data import ByteCorpus
+from .model import build_model
+
+# The arena's settings per optimizer: "lr" is the default learning rate for the default task
+# (tuned as described in README_SECTION.md); everything else goes to shine.create_optimizer.
+ARENA_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    "c-adamw": {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    "lion": {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 1.0},
+    "c-lion": {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 1.0},
+    "mars-adamw": {"lr": 3e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
+    "c-mars-adamw": {"lr": 3e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
+    "came": {"lr": 2e-3, "weight_decay": 0.1},
+}
+DEFAULT_OPTIMIZERS: tuple[str, ...] = tuple(ARENA_OPTIMIZERS)
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --sweep: the lr grid around each optimizer's centre lr
+WARMUP_FRACTION = 0.1
+MIN_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak lr
+GRAD_CLIP = 1.0
+EVAL_POINTS = 10  # validation losses per run
+EVAL_WINDOWS = 256  # fixed validation windows (each --seq-len bytes)
+LOG_NAME = "runs.jsonl"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every run trains on; runs of different tasks never mix in one output folder."""
+
+    data: str  # a path, or the name of the default corpus
+    model: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    device: str
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.steps * WARMUP_FRACTION))
+
+    @property
+    def eval_every(self) -> int:
+        return max(1, self.steps // EVAL_POINTS)
+
+
+@dataclass
+class ArenaConfig:
+    """A whole arena: the task, the lr grid of each optimizer, the seeds and the output folder."""
+
+    task: Task
+    lr_grids: dict[str, tuple[float, ...]]  # optimizer -> lrs to try, in the order given
+    seeds: int
+    out_dir: Path
+    resume: bool = False
+    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)  # optimizer -> extra kwargs
+
+    def planned_runs(self) -> list[tuple[str, float, int]]:
+        """(optimizer, lr, seed) in run order: seed-major, so an interrupted arena still compares all."""
+        return [(name, lr, seed) for seed in range(self.seeds) for name, grid in self.lr_grids.items() for lr in grid]
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """The schedule's multiplier of the peak lr at 0-based `step`: linear warmup, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_threads() -> int:
+    """Use at most as many intra-op threads as CPUs this process may run on (containers, taskset)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus)))
+    return torch.get_num_threads()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str) -> float:
+    """Mean validation loss over the fixed validation windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += model.loss(x.to(device), y.to(device)).item() * x.shape[0]
+        count += x.shape[0]
+    model.train()
+    return total / count
+
+
+def train_run(
+    corpus: ByteCorpus,
+    task: Task,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    hyper: dict[str, Any],
+    on_step: Callable[[float], None] = lambda loss: None,
+) -> dict[str, Any]:
+    """Train one model with one optimizer at one lr and seed; return the run's record.
+
+    A run whose training loss turns non-finite stops there and is marked diverged.
+    """
+    torch.manual_seed(seed)
+    model = build_model(task.model, task.seq_len).to(task.device)
+    opt = shine.create_optimizer(model, optimizer, lr=lr, **hyper)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps, task.warmup_steps))
+    batches = corpus.train_batches(task.batch_size, task.seq_len, seed)
+    val_batches = corpus.val_batches(task.batch_size, task.seq_len, EVAL_WINDOWS)
+    train_losses: list[float] = []
+    val_curve: list[tuple[int, float]] = []
+    train_time = 0.0
+    for step in range(1, task.steps + 1):
+        x, y = (t.to(task.device) for t in next(batches))
+        start = time.perf_counter()
+        loss = model.loss(x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # diverged: stop before a non-finite gradient reaches the optimizer
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        sched.step()
+        if task.device != "cpu":
+            torch.cuda.synchronize(task.device)  # so the timing covers the step's kernels
+        train_time += time.perf_counter() - start
+        train_losses.append(loss_value)
+        on_step(loss_value)
+        if step % task.eval_every == 0 or step == task.steps:
+            val_curve.append((step, evaluate(model, val_batches, task.device)))
+    diverged = not (val_curve and val_curve[-1][0] == task.steps and math.isfinite(val_curve[-1][1]))
+    steps_done = max(1, len(train_losses))
+    tail = train_losses[-max(1, len(train_losses) // 10) :]
+    return {
+        "optimizer": optimizer,
+        "lr": lr,
+        "seed": seed,
+        "hyper": hyper,
+        "diverged": diverged,
+        "final_val_loss": None if diverged else val_curve[-1][1],
+        "final_train_loss": None if diverged else sum(tail) / len(tail),
+        "val_curve": [(s, _finite_or_none(v)) for s, v in val_curve],
+        "train_losses": train_losses,
+        "time_per_step_s": train_time / steps_done,
+        "tokens_per_s": task.batch_size * task.seq_len * steps_done / max(train_time, 1e-9),
+        "state_mb": shine.optimizer_state_bytes(opt) / 1e6,
+    }
+
+
+class RunLog:
+    """The finished runs of an output folder: a JSON-lines file, task first, one line per run.
+
+    Lines are appended as runs finish, so an interrupted arena loses only the run in progress.
+    """
+
+    def __init__(self, out_dir: Path, task: Task, resume: bool) -> None:
+        self.path = out_dir / LOG_NAME
+        self.records: list[dict[str, Any]] = []
+        header = {"task": asdict(task)}
+        if resume and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            if lines and json.loads(lines[0]) != header:
+                raise ValueError(
+                    f"--resume: {self.path} holds runs of another task ({lines[0]}); "
+                    "use the same arguments, another --out, or drop --resume"
+                )
+            self.records = [json.loads(line) for line in lines[1:] if _is_complete_json(line)]
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(header) + "\n")
+
+    def has(self, optimizer: str, lr: float, seed: int) -> bool:
+        """Whether this run has already finished."""
+        return any((r["optimizer"], r["lr"], r["seed"]) == (optimizer, lr, seed) for r in self.records)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Keep a finished run, in memory and on disk."""
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a diverged loss is stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def _is_complete_json(line: str) -> bool:
+    """False for the torn last line a killed process may leave."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
