@@ -9,6 +9,26 @@ from torch.optim import Optimizer
 from .rules import caution
 
 
+def _delegated(name: str) -> property:
+    """An attribute read from and written to the inner optimizer once there is one.
+
+    (torch's ``load_state_dict`` rebinds ``state`` and ``param_groups``, so they
+    cannot be aliased once.)"""
+
+    def get(self):
+        inner = self.__dict__.get("inner")
+        return getattr(inner, name) if inner is not None else self.__dict__["_own_" + name]
+
+    def set(self, value):
+        inner = self.__dict__.get("inner")
+        if inner is not None:
+            setattr(inner, name, value)
+        else:
+            self.__dict__["_own_" + name] = value
+
+    return property(get, set)
+
+
 class Cautious(Optimizer):
     """Wrap any optimizer so that it only moves coordinates that agree with the gradient.
 
@@ -31,17 +51,18 @@ class Cautious(Optimizer):
     def __init__(self, inner: Optimizer):
         if not isinstance(inner, Optimizer):
             raise TypeError(f"Cautious wraps a torch.optim.Optimizer, got {type(inner).__name__}")
+        super().__init__([torch.zeros(())], {})  # sets up the hooks; its placeholder group is never used
         self.inner = inner
-        super().__init__([torch.zeros(())], {})  # sets up hooks; the groups are replaced by the inner ones
-        self.param_groups = inner.param_groups
-        self.state = inner.state
-        self.defaults = inner.defaults
+
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def __repr__(self) -> str:
         return f"Cautious({self.inner!r})"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "inner"):
+        if "inner" in self.__dict__:
             self.inner.add_param_group(param_group)
         else:
             super().add_param_group(param_group)

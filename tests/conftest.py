@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny model and deterministic gradient streams."""
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A model with every parameter kind the optimizers route differently: matrices, a conv, biases, a norm, an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).transpose(1, 2)
+        h = self.conv(h).transpose(1, 2).mean(1)
+        return self.out(torch.relu(self.fc(self.norm(h))))
+
+
+def tiny_batch(seed: int = 0, n: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 11, (n, 6), generator=g)
+    return tokens, tokens[:, 0] % 3
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()

@@ -1,0 +1,273 @@
+"""The torch.optim.Optimizer contract for every shine optimizer: checkpoints, schedulers, hooks, errors."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import shine
+from conftest import TinyNet, tiny_batch
+
+NAMES = shine.list_optimizers()
+LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2}
+
+
+def make(name, params, **kw):
+    base = name.removeprefix("c-")
+    return shine.create_optimizer(params, name, lr=LR[base], **kw)
+
+
+def loss_fn(model, seed):
+    tokens, target = tiny_batch(seed)
+    return nn.functional.cross_entropy(model(tokens), target)
+
+
+def train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_fn(model, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_decreases(name, tiny_net):
+    opt = make(name, tiny_net)
+    tokens, target = tiny_batch(0, 256)
+    before = nn.functional.cross_entropy(tiny_net(tokens), target).item()
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_net(tokens), target).backward()
+        opt.step()
+    after = nn.functional.cross_entropy(tiny_net(tokens), target).item()
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_resume_is_bit_identical(name):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make(name, model)
+    train(model, opt, 4)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 4, start=4)
+
+    resumed = TinyNet()
+    resumed.load_state_dict(saved_model)
+    opt2 = make(name, resumed)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 4, start=4)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_keeps_fp32_state_for_bf16_params():
+    p = nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
+    opt = shine.AdamW([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt2 = shine.AdamW([p])
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_lr_zero_freezes_parameters(name, tiny_net):
+    """An LR scheduler's value is read at every step: lr 0 (and so no decay) leaves every parameter as it is."""
+    opt = make(name, tiny_net, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 if t < 2 else 0.0)
+    for t in range(4):
+        before = [p.detach().clone() for p in tiny_net.parameters()]
+        opt.zero_grad()
+        loss_fn(tiny_net, t).backward()
+        opt.step()
+        sched.step()
+        moved = any(not torch.equal(a, b) for a, b in zip(before, tiny_net.parameters()))
+        assert moved == (t < 2), t
+
+
+def test_mars_1d_lr_follows_the_schedule():
+    """Non-2-D MARS tensors use lr_1d * lr / lr_at_construction: halving lr halves their AdamW step."""
+    steps = []
+    for scale in (1.0, 0.5):
+        b = nn.Parameter(torch.zeros(5))
+        opt = shine.MARS([b], lr=3e-3, lr_1d=1e-3, weight_decay_1d=0.0)
+        opt.param_groups[0]["lr"] *= scale
+        b.grad = torch.ones(5)
+        opt.step()
+        steps.append(-b.detach()[0].item())
+    assert steps[0] == pytest.approx(1e-3, rel=1e-4)
+    assert steps[1] == pytest.approx(0.5e-3, rel=1e-4)
+
+
+def test_param_groups_have_their_own_hyperparameters():
+    a, b = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3, 3))
+    opt = shine.Lion([{"params": [a], "lr": 0.1}], lr=0.01)
+    opt.add_param_group({"params": [b]})
+    a.grad, b.grad = torch.ones(3, 3), torch.ones(3, 3)
+    opt.step()
+    assert torch.allclose(a, torch.full((3, 3), -0.1))
+    assert torch.allclose(b, torch.full((3, 3), -0.01))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_equals_minimizing_the_negation(name):
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
+    p2, q2 = nn.Parameter(p.detach().clone()), nn.Parameter(q.detach().clone())
+    o1, o2 = make(name, [p, q], maximize=True), make(name, [p2, q2])
+    for t in range(3):
+        g1, g2 = torch.randn(4, 6), torch.randn(6)
+        p.grad, q.grad, p2.grad, q2.grad = g1, g2, -g1, -g2
+        o1.step()
+        o2.step()
+    assert torch.allclose(p, p2, atol=1e-6) and torch.allclose(q, q2, atol=1e-6)
+
+
+def test_step_hooks_and_closure():
+    p = nn.Parameter(torch.ones(2, 2))
+    opt = shine.AdamW([p])
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == pytest.approx(4.0)
+    assert calls == ["pre", "post"]
+
+
+def test_parameters_without_grad_are_skipped():
+    p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = shine.CAME([p, q], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert not torch.equal(p, torch.ones(3)) and torch.equal(q, torch.ones(3)) and q not in opt.state
+
+
+# ---- MARS exact mode -------------------------------------------------------------------
+def test_mars_exact_requires_stash_and_uses_it():
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = shine.MARS([p], approx=False)
+    p.grad = torch.ones(3, 3)
+    with pytest.raises(RuntimeError, match="stash_grad"):
+        opt.step()
+    assert "step" not in opt.state[p]
+
+
+def test_mars_exact_closure_protocol_matches_manual_protocol():
+    """step(closure, next_closure=...) is the documented manual loop, step for step."""
+    def run(use_closures):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = shine.create_optimizer(model, "mars-adamw", approx=False)
+        for t in range(4):
+            def closure(seed=t):
+                opt.zero_grad()
+                loss = loss_fn(model, seed)
+                loss.backward()
+                return loss
+            next_closure = lambda seed=t + 1: closure(seed)  # noqa: E731
+            if use_closures:
+                opt.step(closure, next_closure=next_closure)
+            else:
+                next_closure()
+                opt.stash_grad()
+                closure()
+                opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_mars_exact_differs_from_approx():
+    """With stashes from another batch, exact mode takes a different trajectory than approx mode."""
+    finals = {}
+    for approx in (True, False):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = shine.create_optimizer(model, "mars-adamw", approx=approx)
+        for t in range(3):
+            closure = lambda seed=t: (opt.zero_grad(), loss_fn(model, seed).backward())  # noqa: E731
+            opt.step(closure, next_closure=lambda seed=t + 1: closure(seed)) if not approx else opt.step(closure)
+        finals[approx] = model.fc.weight.detach().clone()
+    assert not torch.allclose(finals[True], finals[False])
+
+
+def test_stash_grad_in_approx_mode_is_an_error():
+    opt = shine.MARS([nn.Parameter(torch.ones(2, 2))])
+    with pytest.raises(RuntimeError, match="exact mode"):
+        opt.stash_grad()
+
+
+# ---- non-finite gradients -----------------------------------------------------------
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_gradient_raises_without_touching_state(bad):
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = shine.MARS([p])
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    state = copy.deepcopy(opt.state[p])
+    before = p.detach().clone()
+    p.grad = torch.ones(3, 3)
+    p.grad[1, 1] = bad
+    with pytest.raises(RuntimeError, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(p, before)
+    for k, v in state.items():
+        assert torch.equal(opt.state[p][k], v)
+
+
+def test_nonfinite_skip_skips_and_counts():
+    p = nn.Parameter(torch.ones(4))
+    opt = shine.AdamW([p], nonfinite="skip")
+    p.grad = torch.full((4,), math.nan)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4)) and opt.skipped_steps == 1 and not opt.state[p]
+    p.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[p]["step"].item() == 1
+
+
+# ---- input errors ------------------------------------------------------------------
+P = [nn.Parameter(torch.zeros(2, 2))]
+
+
+@pytest.mark.parametrize("ctor, match", [
+    (lambda: shine.AdamW(P, lr=-1.0), "Invalid lr"),
+    (lambda: shine.AdamW(P, lr=math.nan), "Invalid lr"),
+    (lambda: shine.AdamW(P, betas=(0.9, 1.0)), r"Invalid betas\[1\]"),
+    (lambda: shine.AdamW(P, betas=(0.9,)), "Invalid betas"),
+    (lambda: shine.Lion(P, weight_decay=-0.1), "Invalid weight_decay"),
+    (lambda: shine.MARS(P, gamma=-0.1), "Invalid gamma"),
+    (lambda: shine.MARS(P, mars_type="sgd"), "Invalid mars_type"),
+    (lambda: shine.MARS(P, betas_1d=(1.5, 0.9)), r"Invalid betas_1d\[0\]"),
+    (lambda: shine.CAME(P), "explicit lr"),
+    (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),
+    (lambda: shine.CAME(P, lr=1e-3, factor_conv="rows"), "Invalid factor_conv"),
+    (lambda: shine.AdamW(P, nonfinite="maybe"), "Invalid nonfinite"),
+    (lambda: shine.AdamW([nn.Parameter(torch.zeros(2, dtype=torch.complex64))]), "complex parameters"),
+])
+def test_bad_hyperparameters_are_named(ctor, match):
+    with pytest.raises(ValueError, match=match):
+        ctor()
+
+
+def test_sparse_gradient_is_rejected():
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = shine.AdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_next_closure_without_closure_is_an_error():
+    opt = shine.MARS([nn.Parameter(torch.ones(2, 2))], approx=False)
+    with pytest.raises(ValueError, match="also needs closure"):
+        opt.step(next_closure=lambda: None)
