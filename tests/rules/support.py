@@ -56,18 +56,18 @@ def reference_trajectories(step, params0, grads, **kw):
             for i, p0 in enumerate(params0)]
 
 
-def tolerances(dtype):
-    """fp32 vs float64: rtol 1e-5, atol 1e-6. bf16 (reference rounds identically, fp32 state):
-    one bf16 ulp (relative spacing <= 2**-7), for a rare rounding flip where fp32 and float64 land
-    on opposite sides of a rounding midpoint."""
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+def tolerances(dtype, fp32=(1e-5, 1e-6)):
+    """fp32: (rtol, atol), by default fp32 vs float64. bf16 (reference rounds identically, fp32 state):
+    one bf16 ulp (relative spacing <= 2**-7), for a rare rounding flip where the two computations
+    land on opposite sides of a rounding midpoint."""
+    rtol, atol = fp32 if dtype == torch.float32 else (2**-7, 1e-6)
+    return dict(rtol=rtol, atol=atol)
 
 
-def assert_trajectories_close(actual, expected, dtypes, scale=1.0, what=""):
-    """Compare per-parameter trajectories; ``scale`` multiplies the tolerances."""
+def assert_trajectories_close(actual, expected, dtypes, fp32=(1e-5, 1e-6), what=""):
+    """Compare per-parameter trajectories with ``tolerances``."""
     for i, (a, e, d) in enumerate(zip(actual, expected, dtypes)):
-        tol = {k: v * scale for k, v in tolerances(d).items()}
-        torch.testing.assert_close(torch.stack(a), torch.stack(e), **tol,
+        torch.testing.assert_close(torch.stack(a), torch.stack(e), **tolerances(d, fp32),
                                    msg=lambda m, i=i, a=a: f"{what} param {i} shape {tuple(a[0].shape)}: {m}")
 
 

@@ -1,0 +1,67 @@
+"""CAME against the published came_pytorch 0.1.3 and the step-1 magnitude fact of ALGORITHMS.md §2."""
+
+import pytest
+import torch
+
+import shine
+
+from .support import assert_trajectories_close, drive, fresh_params, problem
+
+came_pytorch = pytest.importorskip("came_pytorch")
+
+# came_pytorch 0.1.3 factors every tensor with >= 2 dims over its last two dims (shine's
+# factor_conv="last2") and, in its unfactored path, applies `update = exp_avg.clone()`: it does NOT
+# have the in-place exp_avg scaling bug of ALGORITHMS.md §2, so 1-D and 0-d tensors are compared too.
+PACKAGE_SHAPES = [(), (5,), (3, 7), (7, 3), (16, 32), (4, 3, 3, 3), (2, 4, 3, 5)]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("hp", [
+    dict(lr=0.01),
+    dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.99, 0.999), clip_threshold=0.5, eps=(1e-3, 1e-2)),
+], ids=["default", "wd-betas-clip-eps"])
+def test_matches_came_pytorch(hp, foreach):
+    """shine.CAME(factor_conv="last2") follows came_pytorch.CAME step for step in fp32."""
+    dtypes = [torch.float32] * len(PACKAGE_SHAPES)
+    params0, grads = problem(dtypes, shapes=PACKAGE_SHAPES)
+    package_params = fresh_params(params0)
+    expected = drive(came_pytorch.CAME(package_params, **hp), package_params, grads)
+    params = fresh_params(params0)
+    actual = drive(shine.CAME(params, factor_conv="last2", foreach=foreach, **hp), params, grads)
+    assert_trajectories_close(actual, expected, dtypes, what="vs came_pytorch")
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_flatten_differs_from_came_pytorch_on_conv(foreach):
+    """The default factor_conv="flatten" is a deliberate departure on conv kernels only."""
+    shapes = [(3, 7), (4, 3, 3, 3)]
+    params0, grads = problem([torch.float32] * 2, shapes=shapes, steps=4)
+    package_params = fresh_params(params0)
+    expected = drive(came_pytorch.CAME(package_params, lr=0.01), package_params, grads)
+    params = fresh_params(params0)
+    actual = drive(shine.CAME(params, lr=0.01, foreach=foreach), params, grads)
+    torch.testing.assert_close(torch.stack(actual[0]), torch.stack(expected[0]), rtol=1e-5, atol=1e-6)
+    assert (actual[1][-1] - expected[1][-1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("betas", [(0.9, 0.999, 0.9999), (0.8, 0.99, 0.999)], ids=["default", "other"])
+@pytest.mark.parametrize("shape", [(3, 7), (7, 3), (4, 3, 3, 3)], ids=str)
+def test_step1_magnitude(shape, betas, foreach):
+    """With a rank-1 gradient (so the factored moments are exact) and zero-initialised R, C, CAME's
+    first step is exactly lr*(1-b1)/(b1*sqrt(1-b3))*sign(g): 11.1x AdamW's lr*sign(g) at the defaults."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(shape[0], generator=gen), torch.randn(int(torch.tensor(shape[1:]).prod()), generator=gen)
+    g = torch.outer(a, b).reshape(shape)
+    lr, (b1, _, b3) = 1e-3, betas
+    ratio = (1 - b1) / (b1 * (1 - b3) ** 0.5)
+    displacements = []
+    for optimizer, hp in ((shine.CAME, dict(betas=betas, weight_decay=0.0)),
+                          (shine.AdamW, dict(eps=0.0, weight_decay=0.0))):
+        p = torch.zeros(shape, requires_grad=True)
+        p.grad = g.clone()
+        optimizer([p], lr=lr, foreach=foreach, **hp).step()
+        displacements.append(p.detach().double())
+    came, adamw = displacements
+    torch.testing.assert_close(came, -lr * ratio * torch.sign(g.double()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(came / adamw, torch.full(shape, ratio, dtype=torch.float64), rtol=1e-5, atol=0)
