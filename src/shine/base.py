@@ -78,10 +78,7 @@ class ShineOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._update()
         return loss
 
@@ -139,6 +136,14 @@ class ShineOptimizer(Optimizer):
         bad = next((i, tuple(p.shape)) for i, p in enumerate(params) if not torch.isfinite(p.grad).all())
         raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{bad[0]} "
                            f"of shape {bad[1]}; no state was changed. Pass nonfinite='skip' to skip such steps.")
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """Evaluate a step closure with gradients enabled (``step`` itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import rules
-from .base import ShineOptimizer, decay_factor, state_zeros
+from .base import ShineOptimizer, decay_factor, run_closure, state_zeros
 from .engine import LOW_PRECISION, Pipeline
 from .validation import check_betas, check_choice, check_finite_nonneg, require
 
@@ -235,13 +235,9 @@ class MARS(ShineOptimizer):
         """One MARS step. In exact mode, ``next_closure`` (optional) computes the next batch's gradient first."""
         if next_closure is not None:
             require(closure is not None, "MARS.step(next_closure=...) also needs closure (the current batch)")
-            with torch.enable_grad():
-                next_closure()
+            run_closure(next_closure)
             self.stash_grad()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         exact = self._exact_params()
         missing = [p for p in exact if "next_prev_grad" not in self.state[p]]
         if missing:

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from .base import run_closure
 from .rules import caution
 
 
@@ -79,10 +80,7 @@ class Cautious(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the inner step, then keep only the coordinates where it moved against the gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         before = [(p, p.clone(), g.get("maximize", False)) for g in self.param_groups for p in g["params"]
                   if p.grad is not None]
         self.inner.step()

@@ -30,9 +30,19 @@ def _rms(t):
     return t.norm() / t.numel() ** 0.5
 
 
+def _mean(t, dim, keepdim=False):
+    """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device).
+
+    On a DTensor sharded along ``dim`` the sum is a ``Partial`` that costs one
+    all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
+    dim makes DTensor all-gather the whole tensor first.
+    """
+    return t.sum(dim=dim, keepdim=keepdim) / t.shape[dim]
+
+
 def _factored_rsqrt(row, col):
     """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
-    return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+    return (row / _mean(row, -1, keepdim=True)).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
 
 
 @per_tensor
@@ -43,14 +53,14 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
     m = exp_avg.view(x.shape)
     sq = x * x + eps1
-    exp_avg_sq_row.lerp_(sq.mean(dim=-1), 1 - beta2)
-    exp_avg_sq_col.lerp_(sq.mean(dim=-2), 1 - beta2)
+    exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
+    exp_avg_sq_col.lerp_(_mean(sq, -2), 1 - beta2)
     u = x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
     u = u / (_rms(u) / clip_threshold).clamp_min(1.0)
     m.lerp_(u, 1 - beta1)
     res = (u - m) ** 2 + eps2
-    exp_avg_res_row.lerp_(res.mean(dim=-1), 1 - beta3)
-    exp_avg_res_col.lerp_(res.mean(dim=-2), 1 - beta3)
+    exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
+    exp_avg_res_col.lerp_(_mean(res, -2), 1 - beta3)
     return (m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col)).view(shape)
 
 

@@ -11,4 +11,6 @@ def caution(u, g):
     state is never masked.
     """
     mask = (u * g > 0).to(torch.float32)
-    return u * mask / mask.mean().clamp_min(1e-3)
+    # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
+    # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
+    return u * mask / (mask.sum() / mask.numel()).clamp_min(1e-3)
