@@ -8,7 +8,8 @@ import torch
 import reference as ref
 import shine
 
-from .support import DTYPES, assert_trajectories_close, drive, fresh_params, problem, reference_trajectories, schedule
+from .cases import run_reference, run_shine
+from .support import DTYPES, assert_trajectories_close, drive, fresh_params, problem
 
 FP32 = DTYPES["fp32"]
 
@@ -28,13 +29,8 @@ def test_wrapper_matches_reference(make_inner, inner_step, hp):
     """Cautious(inner) follows ref.cautious_wrapper_step over a decaying lr schedule; the weight
     decays are large enough that the decay alone flips some coordinates' mask."""
     params0, grads = problem(FP32)
-    params = fresh_params(params0)
-    actual = drive(shine.Cautious(make_inner(params, **hp)), params, grads, lrs=schedule(hp["lr"]))
-    ref_hp = {k: v for k, v in hp.items() if k != "maximize"}
-    if inner_step is ref.mars_step:
-        ref_hp["lr_initial"] = hp["lr"]
-    expected = reference_trajectories(ref.cautious_wrapper_step, params0, grads, inner_step=inner_step,
-                                      maximize=hp.get("maximize", False), lrs=schedule(hp["lr"]), **ref_hp)
+    _, actual = run_shine(lambda ps, **kw: shine.Cautious(make_inner(ps, **kw)), hp, params0, grads)
+    expected = run_reference(ref.cautious_wrapper_step, hp, params0, grads, inner_step=inner_step)
     assert_trajectories_close(actual, expected, FP32, what="Cautious wrapper")
 
 
