@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.data, task.seq_len)
         log = RunLog(config.out_dir, task, config.resume)
     except (ValueError, OSError) as err:
-        print(f"shine arena: error: {err}")
+        print(f"shine arena: error: {err}", file=sys.stderr)
         return 2
     threads = set_threads()
     plan = config.planned_runs()

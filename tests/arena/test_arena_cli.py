@@ -1,0 +1,133 @@
+"""`shine arena` end to end: --quick, --resume, Ctrl-C, and option errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from shine import cli
+from shine.arena import command, runner
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--model", "nano", "--steps", "4", "--seq-len", "16", "--batch-size", "2", "--seeds", "1"]
+
+
+def arena(*args, out):
+    return cli.main(["arena", *args, "--out", str(out)])
+
+
+def test_quick_run_writes_every_optimizer_table_and_figure(tmp_path, capsys):
+    assert arena("--quick", out=tmp_path) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["optimizer"]: row for row in results["summary"]}
+    assert set(rows) == set(runner.DEFAULT_OPTIMIZERS)
+    assert results["complete"] and len(results["runs"]) == len(runner.DEFAULT_OPTIMIZERS)
+    for row in rows.values():
+        for key in ("val_loss_mean", "val_loss_std", "train_loss_mean", "time_per_step_ms", "tokens_per_s", "state_mb"):
+            assert math.isfinite(row[key]), (row["optimizer"], key)
+        assert row["val_loss_mean"] < math.log(256)  # learned something
+        assert row["best_lr"] == runner.ARENA_OPTIMIZERS[row["optimizer"]]["lr"]
+        assert row["state_mb"] > 0 and row["tokens_per_s"] > 0
+        assert row["steps_to_baseline_loss"] is None or 0 < row["steps_to_baseline_loss"] <= command.QUICK["steps"]
+    assert rows["adamw"]["steps_to_baseline_loss"] is not None  # AdamW reaches its own final loss
+    assert rows["came"]["state_mb"] < rows["adamw"]["state_mb"] < rows["mars-adamw"]["state_mb"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| optimizer | best lr | val loss (mean ± std) |" in table
+    assert all(f"| {name} |" in table for name in runner.DEFAULT_OPTIMIZERS)
+    assert table.splitlines()[4] in capsys.readouterr().out  # the table is printed too
+    pytest.importorskip("matplotlib")
+    png = (tmp_path / "loss_curves.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+
+def test_same_arguments_give_the_same_losses(tmp_path):
+    for out in ("a", "b"):
+        assert arena("--optimizers", "adamw", *SMALL, out=tmp_path / out) == 0
+    losses = [json.loads((tmp_path / out / "results.json").read_text())["runs"][0]["train_losses"] for out in "ab"]
+    assert losses[0] == losses[1]
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+    assert arena("--optimizers", "adamw,lion", *SMALL, out=tmp_path) == 0
+    calls = []
+    train_run = command.train_run
+    monkeypatch.setattr(command, "train_run", lambda *a, **k: calls.append(a[2:5]) or train_run(*a, **k))
+    assert arena("--optimizers", "adamw,lion", *SMALL, "--seeds", "2", "--resume", out=tmp_path) == 0
+    assert calls == [("adamw", 3e-3, 1), ("lion", 3e-4, 1)]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["optimizer"], r["seed"]) for r in runs) == [("adamw", 0), ("adamw", 1), ("lion", 0), ("lion", 1)]
+
+
+def test_resume_refuses_a_different_task(tmp_path, capsys):
+    assert arena("--optimizers", "adamw", *SMALL, out=tmp_path) == 0
+    assert arena("--optimizers", "adamw", *SMALL, "--steps", "5", "--resume", out=tmp_path) == 2
+    assert "another task" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_finished_runs_and_resume_runs_the_rest(tmp_path, monkeypatch, capsys):
+    train_run = command.train_run
+
+    def interrupted_second_run(*args, **kwargs):
+        if args[2] == "lion":
+            raise KeyboardInterrupt
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(command, "train_run", interrupted_second_run)
+    assert arena("--optimizers", "adamw", "lion", *SMALL, out=tmp_path) == 130
+    assert "add --resume" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["complete"] and [r["optimizer"] for r in results["runs"]] == ["adamw"]
+    monkeypatch.setattr(command, "train_run", train_run)
+    assert arena("--optimizers", "adamw", "lion", *SMALL, "--resume", out=tmp_path) == 0
+    assert [r["optimizer"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == ["adamw", "lion"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("adamw", "expected NAME=LR"),
+        ("=1e-3", "expected NAME=LR"),
+        ("adamw=", "expected NAME=LR"),
+        ("adamw=fast", "not a number"),
+        ("adamw=1e-3,x", "not a number"),
+        ("adamw=-1e-3", "positive and finite"),
+        ("adamw=nan", "positive and finite"),
+        ("adamv=1e-3", "did you mean adamw"),
+    ],
+)
+def test_lr_parsing_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        command.parse_lr_specs([spec], ["adamw", "lion"])
+
+
+def test_lr_grids_from_values_defaults_and_sweep():
+    given = command.parse_lr_specs(["adamw=1e-3", "lion=1e-4,2e-4"], ["adamw", "lion", "came"])
+    assert given == {"adamw": (1e-3,), "lion": (1e-4, 2e-4)}
+    assert command.lr_grids(["adamw", "lion", "came"], given, sweep=False) == {
+        "adamw": (1e-3,), "lion": (1e-4, 2e-4), "came": (runner.ARENA_OPTIMIZERS["came"]["lr"],),
+    }  # fmt: skip
+    swept = command.lr_grids(["adamw"], given, sweep=True)["adamw"]
+    assert swept == tuple(1e-3 * f for f in runner.SWEEP_FACTORS)
+    with pytest.raises(ValueError, match="no default lr for mars-lion"):
+        command.lr_grids(["mars-lion"], {}, sweep=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "adamw=1e-3", "--lr", "adamw=2e-3"], "given twice"),
+        (["--optimizers", "adamw", "--lr", "lion=1e-4"], "does not include"),
+        (["--optimizers", "adamx"], "did you mean adamw"),
+        (["--device", "tpu"], "expected cpu, cuda"),
+    ],
+)
+def test_option_errors_exit_with_status_2(args, message, tmp_path, capsys):
+    assert arena(*args, out=tmp_path) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_shine_lists_the_arena():
+    result = subprocess.run([sys.executable, "-m", "shine", "arena", "--help"], capture_output=True, text=True, check=True)
+    assert "--sweep" in result.stdout and "--resume" in result.stdout
