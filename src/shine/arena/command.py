@@ -17,7 +17,7 @@ import shine
 from . import report
 from .data import load_corpus
 from .model import MODEL_PRESETS, build_model
-from .runner import ARENA_OPTIMIZERS, DEFAULT_OPTIMIZERS, SWEEP_FACTORS, ArenaConfig, RunLog, Task, set_threads, train_run
+from .runner import ARENA_OPTIMIZERS, DEFAULT_OPTIMIZERS, SWEEP_FACTORS, ArenaConfig, RunLog, Task, optimizer_hyper, set_threads, train_run
 
 HELP = "compare optimizers on a small byte-level GPT (or your text) and report the numbers"
 
@@ -60,13 +60,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def check_optimizer(name: str, known: list[str]) -> str:
-    """`name` if shine knows it; else ValueError naming the close matches."""
+def check_optimizer(name: str, known: list[str]) -> None:
+    """ValueError naming the close matches, unless shine knows `name`."""
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ValueError(f"unknown optimizer {name!r}; {hint}known: {', '.join(known)}")
-    return name
 
 
 def parse_lr_specs(specs: list[str], known: list[str]) -> dict[str, tuple[float, ...]]:
@@ -108,7 +107,9 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
     """Check the options against each other and against shine's optimizers; ValueError if they clash."""
     known = shine.list_optimizers()
     sizes = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
-    names = [check_optimizer(n, known) for opt in (args.optimizers or DEFAULT_OPTIMIZERS) for n in opt.split(",") if n]
+    names = list(dict.fromkeys(n for opt in (args.optimizers or DEFAULT_OPTIMIZERS) for n in opt.split(",") if n))
+    for name in names:
+        check_optimizer(name, known)
     given = parse_lr_specs(args.lr, known)
     if extra := sorted(set(given) - set(names)):
         raise ValueError(f"--lr names {', '.join(extra)}, which --optimizers does not include")
@@ -125,8 +126,7 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
         seq_len=sizes["seq_len"],
         device=device,
     )
-    hyper = {name: {k: v for k, v in ARENA_OPTIMIZERS.get(name, {}).items() if k != "lr"} for name in names}
-    return ArenaConfig(task, lr_grids(list(dict.fromkeys(names)), given, args.sweep), sizes["seeds"], args.out, args.resume, hyper)
+    return ArenaConfig(task, lr_grids(names, given, args.sweep), sizes["seeds"], args.out, args.resume)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         for i, (name, lr, seed) in enumerate(todo, 1):
             progress = report.Progress(task.steps, f"[{i}/{len(todo)}] {name} lr={lr:.3g} seed={seed}")
             try:
-                log.add(train_run(corpus, task, name, lr, seed, config.hyper[name], progress.update))
+                log.add(train_run(corpus, task, name, lr, seed, progress.update))
             finally:
                 progress.close()
     except KeyboardInterrupt:
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         "task": asdict(task) | {"corpus": corpus.source},
         "seeds": config.seeds,
         "lr_grids": config.lr_grids,
-        "hyper": config.hyper,
+        "hyper": {name: optimizer_hyper(name) for name in config.lr_grids},
         "complete": len(records) == len(plan),
     }
     paths = report.write_reports(config.out_dir, header, records, rows)

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,15 @@ class ArenaConfig:
     seeds: int
     out_dir: Path
     resume: bool = False
-    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)  # optimizer -> extra kwargs
 
     def planned_runs(self) -> list[tuple[str, float, int]]:
         """(optimizer, lr, seed) in run order: seed-major, so an interrupted arena still compares all."""
         return [(name, lr, seed) for seed in range(self.seeds) for name, grid in self.lr_grids.items() for lr in grid]
+
+
+def optimizer_hyper(name: str) -> dict[str, Any]:
+    """The arena's create_optimizer keywords for `name` besides lr (none for optimizers it has not tuned)."""
+    return {k: v for k, v in ARENA_OPTIMIZERS.get(name, {}).items() if k != "lr"}
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -113,7 +117,6 @@ def train_run(
     optimizer: str,
     lr: float,
     seed: int,
-    hyper: dict[str, Any],
     on_step: Callable[[float], None] = lambda loss: None,
 ) -> dict[str, Any]:
     """Train one model with one optimizer at one lr and seed; return the run's record.
@@ -122,6 +125,7 @@ def train_run(
     """
     torch.manual_seed(seed)
     model = build_model(task.model, task.seq_len).to(task.device)
+    hyper = optimizer_hyper(optimizer)
     opt = shine.create_optimizer(model, optimizer, lr=lr, **hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps, task.warmup_steps))
     batches = corpus.train_batches(task.batch_size, task.seq_len, seed)

@@ -1,0 +1,67 @@
+"""The arena's reports: choosing the best lr, ties, steps-to-target, and life without tqdm/matplotlib."""
+
+import json
+import math
+
+import pytest
+
+from shine.arena import report
+
+
+def record(optimizer, lr, seed, final, curve=None):
+    curve = curve or ([(10, final + 1.0), (20, final)] if final else [(10, 4.0)])
+    return {
+        "optimizer": optimizer, "lr": lr, "seed": seed, "diverged": final is None,
+        "final_val_loss": final, "final_train_loss": final, "val_curve": curve,
+        "train_losses": [3.0, 2.0], "time_per_step_s": 0.01, "tokens_per_s": 1000.0, "state_mb": 1.0,
+    }  # fmt: skip
+
+
+RECORDS = [
+    record("adamw", 1e-3, 0, 2.0), record("adamw", 1e-3, 1, 2.2),
+    record("adamw", 3e-3, 0, 1.9), record("adamw", 3e-3, 1, 1.9),
+    record("lion", 1e-4, 0, 1.95, [(10, 2.5), (20, 1.95)]), record("lion", 1e-4, 1, 1.97, [(10, 2.3), (20, 1.97)]),
+    record("came", 1e-3, 0, None), record("came", 1e-3, 1, 1.5),
+]  # fmt: skip
+
+
+def test_summary_keeps_the_best_lr_the_grid_and_ranks_rows():
+    rows = {r["optimizer"]: r for r in report.summarize(RECORDS, ["adamw", "lion", "came"])}
+    assert rows["adamw"]["best_lr"] == 3e-3 and len(rows["adamw"]["lr_grid"]) == 2
+    assert rows["adamw"]["val_loss_mean"] == pytest.approx(1.9) and rows["adamw"]["delta_vs_best"] == 0
+    assert rows["lion"]["delta_vs_best"] == pytest.approx(0.06)
+    assert not rows["lion"]["tie_with_best"]  # 0.06 > 2 * 0.014
+    assert math.isinf(rows["came"]["val_loss_mean"])  # a diverged seed is never hidden by the others
+    assert [r["optimizer"] for r in report.summarize(RECORDS, ["came", "lion", "adamw"])] == ["adamw", "lion", "came"]
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [(10, 3.0), (20, 2.0), (30, 1.0)]
+    assert report.steps_to_reach(curve, 1.5) == 25
+    assert report.steps_to_reach(curve, 3.5) == 10
+    assert report.steps_to_reach(curve, 0.5) is None
+    rows = {r["optimizer"]: r for r in report.summarize(RECORDS, ["adamw", "lion"])}
+    assert rows["adamw"]["steps_to_baseline_loss"] == 20
+    assert rows["lion"]["steps_to_baseline_loss"] is None  # 1.96 never reaches 1.9
+
+
+def test_plain_progress_lines_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setattr(report, "tqdm", None)
+    progress = report.Progress(20, "adamw")
+    for _ in range(20):
+        progress.update(1.234)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("adamw: step 20/20  loss 1.234")
+    assert any("tqdm" in n for n in report.missing_extras_notices())
+
+
+def test_reports_without_matplotlib_skip_only_the_figure(monkeypatch, tmp_path):
+    monkeypatch.setattr(report, "matplotlib", None)
+    rows = report.summarize(RECORDS, ["adamw", "lion", "came"])
+    header = {"task": {"data": "x", "model": "nano", "steps": 20, "batch_size": 2, "seq_len": 8, "device": "cpu"}}
+    paths = report.write_reports(tmp_path, header, RECORDS, rows)
+    assert [p.name for p in paths] == ["results.json", "results.md"]
+    assert json.loads((tmp_path / "results.json").read_text())["summary"][2]["val_loss_mean"] is None
+    assert "| came | 0.001 | diverged |" in (tmp_path / "results.md").read_text()
+    assert any("matplotlib" in n for n in report.missing_extras_notices())
