@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import math
 import warnings
 from typing import Any, Callable, Hashable, Iterable
 
@@ -10,19 +9,25 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import engine
+from . import distributed, engine
 from .engine import Pipeline
 from .validation import check_choice, check_grad, check_param
 
 NONFINITE = ("raise", "skip", "ignore")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-def state_zeros(p: Tensor, shape: Iterable[int] | None = None) -> Tensor:
+def state_zeros(p: Tensor, shape: Iterable[int] | None = None, *,
+                reduce: tuple[Iterable[int], int] | None = None) -> Tensor:
     """Zero optimizer state for ``p``: fp32 for fp16/bf16 parameters, else ``p``'s dtype.
 
     With no ``shape`` it is ``zeros_like(p)`` (so a DTensor parameter gets DTensor state).
+    ``reduce=(view_shape, dim)`` gives state shaped like ``p.reshape(view_shape).sum(dim)``
+    (CAME's row/column statistics), placed as that reduction is for a DTensor ``p``.
     """
     dtype = torch.float32 if p.dtype in engine.LOW_PRECISION else p.dtype
+    if reduce is not None:
+        return distributed.reduced_zeros(p, tuple(reduce[0]), reduce[1], dtype)
     if shape is None:
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
@@ -40,19 +45,28 @@ class ShineOptimizer(Optimizer):
     Common options:
         foreach: multi-tensor kernels (default) or, with ``False``, the per-tensor reference loop.
         fused: ``torch.compile`` the step into fused kernels (``True``), or not (``False``);
-            ``None`` picks the multi-tensor path. Without a working compiler ``True`` warns
-            once and uses the multi-tensor path.
+            ``None`` (default) fuses where it pays: on CUDA always, on CPU buckets of at least
+            ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements; never with ``foreach=False``.
+            Without a working compiler ``True`` warns once and uses the multi-tensor path.
+        state_dtype: dtype of the per-element state (momenta, ``prev_grad``); ``None`` (default)
+            is fp32 for fp16/bf16 parameters and the parameter's dtype otherwise;
+            ``torch.bfloat16`` halves the state memory. Factored CAME statistics stay fp32.
+        stochastic_rounding: round bf16 write-backs (bf16 parameters, bf16 state) stochastically
+            (unbiased) instead of to nearest. ``None`` (default): on when ``state_dtype`` is bf16.
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default: an error naming the
             parameter, state untouched), ``"skip"`` (the step is skipped, state untouched,
             ``skipped_steps`` counts it) or ``"ignore"`` (no check, as torch.optim does).
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, foreach: bool | None, fused: bool | None,
-                 nonfinite: str):
+                 nonfinite: str, state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
         check_choice("nonfinite", nonfinite, NONFINITE)
+        check_choice("state_dtype", state_dtype, STATE_DTYPES)
+        check_choice("stochastic_rounding", stochastic_rounding, (None, True, False))
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        super().__init__(params, {**defaults, "foreach": foreach, "fused": fused})
+        super().__init__(params, {**defaults, "foreach": foreach, "fused": fused, "state_dtype": state_dtype,
+                                  "stochastic_rounding": stochastic_rounding})
 
     # ---- subclass interface ----------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -109,7 +123,7 @@ class ShineOptimizer(Optimizer):
                 route = self._route(group, p)
                 state = self.state[p]
                 if "step" not in state:
-                    state.update(self._new_state(group, route, p))
+                    state.update(_cast_state(self._new_state(group, route, p), p, group.get("state_dtype")))
                     state["step"] = torch.tensor(0.0)
                 state["step"] += 1
                 buckets[(route, p.device, p.dtype, float(state["step"]))].append(p)
@@ -117,16 +131,13 @@ class ShineOptimizer(Optimizer):
                 pipe, hyper = self._pipeline(group, route)
                 path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in ps))
                 engine.run_bucket(path, pipe, ps, [p.grad for p in ps], [self.state[p] for p in ps],
-                                  {**hyper, "step": step})
+                                  {**hyper, "step": step, **_rounding(group)})
         return True
 
     def _gradients_finite(self, params: list[Tensor]) -> bool:
         if self.nonfinite == "ignore" or not params:
             return True
-        by_device: dict[torch.device, list[Tensor]] = collections.defaultdict(list)
-        for p in params:
-            by_device[p.grad.device].append(p.grad)
-        if all(bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()) for gs in by_device.values()):
+        if engine.grads_finite([p.grad for p in params]):
             return True
         if self.nonfinite == "skip":
             self.skipped_steps += 1
@@ -144,6 +155,21 @@ def run_closure(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def _cast_state(state: dict[str, Tensor], p: Tensor, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """New state with its per-element tensors (those shaped like ``p``) in ``dtype`` (``None``: as made)."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() and v.shape == p.shape else v for k, v in state.items()}
+
+
+def _rounding(group: dict[str, Any]) -> dict[str, bool]:
+    """The ``stochastic_rounding`` flag the engine reads (absent when off, so old hyper dicts are unchanged)."""
+    sr = group.get("stochastic_rounding")
+    if sr is None:
+        sr = group.get("state_dtype") == torch.bfloat16
+    return {"stochastic_rounding": True} if sr else {}
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:

@@ -9,7 +9,7 @@ boxes are composed, and every path calls it:
 - ``"per_tensor"``: a Python loop, one tensor at a time (the reference);
 - ``"foreach"``: once, on :class:`TensorList` s (multi-tensor kernels);
 - ``"fused"``: the per-tensor loop traced by ``torch.compile`` into fused kernels,
-  with every float hyperparameter passed as a 0-d tensor so that a scheduler
+  with every float hyperparameter passed as a 0-d float64 tensor so that a scheduler
   never triggers a recompile. This module is the only one that knows about
   ``torch.compile``.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import warnings
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import rules
-from .tensorlist import TensorList
+from .tensorlist import TensorList, per_tensor
 
 PATHS = ("per_tensor", "foreach", "fused")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -54,11 +55,19 @@ class Pipeline:
 def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any]) -> None:
     """Advance ``p`` (a tensor or TensorList) by one step of ``pipe``; updates ``state`` in place.
 
-    Low-precision parameters are updated through an fp32 copy (their state is fp32).
+    Low-precision parameters are updated through an fp32 copy (their state is fp32
+    unless the optimizer was built with ``state_dtype=torch.bfloat16``). Low-precision
+    state tensors of the preconditioner are also worked on in fp32 and written back
+    once; ``hyper["stochastic_rounding"]`` (default False) rounds those write-backs
+    (parameter and state) stochastically instead of to nearest. ``prev_grad`` is a
+    plain copy and is always rounded to nearest.
     """
     upcast = _dtype_of(p) in LOW_PRECISION
     work = p.float() if upcast else p
     g = g.float() if upcast else g
+    low = [name for name in pipe.state if _dtype_of(state[name]) in LOW_PRECISION]
+    if low:
+        stored, state = state, {**state, **{name: state[name].float() for name in low}}
     if pipe.maximize:
         g = -g
     x = g
@@ -70,8 +79,28 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     if pipe.cautious:
         u = rules.caution(u, g)
     rules.apply_update(work, u, lr=hyper["lr"], decay=hyper["decay"])
+    stochastic = hyper.get("stochastic_rounding", False)
     if upcast:
-        p.copy_(work)
+        _write_back(p, work, stochastic)
+    for name in low:
+        _write_back(stored[name], state[name], stochastic)
+
+
+def _write_back(dst, src, stochastic: bool) -> None:
+    """``dst.copy_(src)``: fp32 ``src`` into low-precision ``dst``, rounded to nearest or stochastically."""
+    dst.copy_(stochastic_round(src, _dtype_of(dst)) if stochastic and _dtype_of(dst) == torch.bfloat16 else src)
+
+
+@per_tensor
+def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """fp32 ``x`` rounded to bfloat16 stochastically: up with probability equal to the distance
+    to the lower neighbour (in units of the bf16 spacing), so the rounding is unbiased in
+    expectation. Adds 16 random bits below the bf16 mantissa and truncates; inf stays inf.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    rounded = ((bits + noise) & -65536).view(torch.float32)
+    return torch.where(x.isnan(), x, rounded).to(dtype)
 
 
 def _dtype_of(p) -> torch.dtype:
@@ -88,36 +117,105 @@ def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tens
         state = {name: TensorList(s[name] for s in states) for name in _state_names(pipe)}
         pipeline_step(pipe, TensorList(params), TensorList(grads), state, hyper)
     elif path == "fused":
-        device = params[0].device
-        tensor_hyper = {k: torch.tensor(v, dtype=torch.float32, device=device) if isinstance(v, float) else v
-                        for k, v in hyper.items()}
-        _compiled(pipe)(params, grads, [{n: s[n] for n in _state_names(pipe)} for s in states], tensor_hyper)
+        _run_fused(pipe, params, grads, states, hyper)
     else:
         raise ValueError(f"unknown execution path {path!r}; expected one of {PATHS}")
 
 
+# ---- choosing the path ------------------------------------------------------------------
+#: ``fused=None`` fuses a bucket on these device types once it holds at least this many
+#: elements. On CPU a compile costs seconds (about 5-25 s per pipeline on 2 cores, much less
+#: with a warm on-disk cache) and saves a few ns per element and step, so only large buckets
+#: repay it within a run; small models and the unit tests stay on the multi-tensor path.
+#: Devices not listed (mps, xpu, ...) are never fused automatically.
+AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cuda": 0, "cpu": 4_000_000}
+
+
 def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
-    """The execution path for a bucket of ``numel`` elements, from the user's ``fused``/``foreach`` flags."""
-    if fused and compiler_available(device.type):
-        return "fused"
+    """The execution path for a bucket of ``numel`` elements, from the user's ``fused``/``foreach`` flags.
+
+    ``fused=True``: fused when a compiler works for the device (else one warning, multi-tensor);
+    ``fused=None``: fused when the compiler works and the bucket is large enough for the device
+    (:data:`AUTO_FUSE_MIN_NUMEL`), unless ``foreach=False`` asks for the reference loop;
+    ``fused=False``: never. Otherwise ``foreach=False`` picks the per-tensor loop, else multi-tensor.
+    """
+    if fused:
+        if compiler_available(device.type):
+            return "fused"
+        _warn_once(f"shine: fused=True but torch.compile does not work on {device.type} "
+                   f"({_COMPILER_ERRORS.get(device.type, 'unknown error')}); using the multi-tensor path")
+    elif fused is None and foreach is not False:
+        threshold = AUTO_FUSE_MIN_NUMEL.get(device.type)
+        if threshold is not None and numel >= threshold and compiler_available(device.type):
+            return "fused"
     return "per_tensor" if foreach is False else "foreach"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _state_names(pipe: Pipeline) -> tuple[str, ...]:
     return pipe.state + (("prev_grad",) if pipe.correction else ())
 
 
-def _loop(pipe: Pipeline, params, grads, states, hyper) -> None:
-    for p, g, s in zip(params, grads, states):
-        pipeline_step(pipe, p, g, s, hyper)
+# ---- the fused path -----------------------------------------------------------------------
+#: Preconditioners that are element-wise up to whole-tensor reductions (norms, means over the
+#: whole tensor): on those, a tensor and its flat view give the same numbers, so the fused
+#: path hands the compiler 1-D views and one graph serves every shape. The others
+#: (factored CAME, Newton-Schulz) read the shape and get one graph per rank.
+_SHAPE_FREE = (rules.adamw, rules.lion, rules.sign_momentum, rules.came_unfactored)
+_BROKEN: set[Pipeline] = set()
+
+
+def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
+    """One compiled call per tensor. The compiled function is ``pipeline_step`` itself, traced
+    with dynamic shapes, so one graph per (pipeline, dtypes, rank) serves every tensor size; the
+    float hyperparameters (lr, betas, step, ...) are 0-d tensors, so a scheduler changing lr or
+    the step count never recompiles."""
+    if pipe in _BROKEN:
+        return run_bucket("foreach", pipe, params, grads, states, hyper)
+    device = params[0].device
+    # float64, not float32: ``1 - beta`` of a float32 beta3 = 0.9999 is off by 2e-4 relative,
+    # which CAME's confidence term amplifies; in float64 the constants round as Python's do.
+    tensor_hyper = {k: torch.tensor(v, dtype=torch.float64, device=device) if isinstance(v, float) else v
+                    for k, v in hyper.items()}
+    names = _state_names(pipe)
+    flatten = pipe.precondition in _SHAPE_FREE
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        state = {n: s[n] for n in names}
+        if flatten and p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in state.values()):
+            p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
+        key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
+        try:
+            _compiled(key)(pipe, p, g, state, tensor_hyper)
+        except Exception as err:  # compiling failed (before any tensor of this call was touched)
+            if key in _COMPILED_OK:
+                raise
+            _BROKEN.add(pipe)
+            _warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
+                       f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
+            return run_bucket("foreach", pipe, params[i:], grads[i:], states[i:], hyper)
+        _COMPILED_OK.add(key)
+
+
+_COMPILED_OK: set[tuple] = set()
 
 
 @functools.cache
-def _compiled(pipe: Pipeline) -> Callable:
-    """A compiled step for ``pipe``. Dynamo keeps one cache (and recompile limit) per code
-    object, so each pipeline gets its own copy of ``_loop``'s code."""
-    loop = types.FunctionType(_loop.__code__.replace(), _loop.__globals__, "_fused_step")
-    return functools.partial(torch.compile(loop, dynamic=False), pipe)
+def _compiled(key: tuple) -> Callable:
+    """The compiled ``pipeline_step`` for one (pipeline, rank, dtypes) key. Dynamo keeps one cache
+    (and recompile limit) per code object, so each key gets its own copy of the code."""
+    step = types.FunctionType(pipeline_step.__code__.replace(), pipeline_step.__globals__, "_fused_step")
+    return torch.compile(step, dynamic=True)
+
+
+_COMPILER_ERRORS: dict[str, str] = {}
 
 
 @functools.cache
@@ -127,6 +225,24 @@ def compiler_available(device_type: str) -> bool:
         fn = torch.compile(lambda t: t * 2 + 1, dynamic=False)
         return bool(torch.equal(fn(torch.ones(3, device=device_type)), torch.full((3,), 3.0, device=device_type)))
     except Exception as err:  # any failure to build or run means: no compiler here
-        warnings.warn(f"shine: torch.compile is unavailable on {device_type} ({type(err).__name__}: {err}); "
-                      "fused=True falls back to the multi-tensor path", RuntimeWarning, stacklevel=3)
+        _COMPILER_ERRORS[device_type] = f"{type(err).__name__}: {err}"
         return False
+
+
+# ---- the non-finite gradient check ------------------------------------------------------
+def grads_finite(grads: list[Tensor]) -> bool:
+    """Whether every element of every gradient is finite, with one host synchronisation per device.
+
+    A 2-norm is non-finite whenever an element is, and ``torch._foreach_norm(.., 2)`` reads
+    the gradients at close to memory bandwidth (the inf-norm kernel is about 15x slower on
+    CPU). A non-finite 2-norm can also come from overflow of finite values, so that rare case
+    is settled by the exact (inf-norm) check.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for gs in by_device.values():
+        if not bool(torch.stack(torch._foreach_norm(gs, 2)).isfinite().all()):
+            if not bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()):
+                return False
+    return True

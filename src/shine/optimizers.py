@@ -18,8 +18,8 @@ _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
             (Cautious optimizers, arXiv 2411.16085); weight decay is not masked.
         maximize: maximize the objective instead of minimizing it.
-        foreach, fused, nonfinite: execution path and NaN/inf handling, see
-            :class:`shine.base.ShineOptimizer`.
+        foreach, fused, nonfinite, state_dtype, stochastic_rounding: execution path, NaN/inf
+            handling and state precision, see :class:`shine.base.ShineOptimizer`.
 """
 
 
@@ -50,9 +50,11 @@ class AdamW(ShineOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, cautious: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_common(cautious, maximize))
-        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group):
         _check_lr_wd(group)
@@ -84,9 +86,11 @@ class Lion(ShineOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, cautious: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, **_common(cautious, maximize))
-        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group):
         _check_lr_wd(group)
@@ -158,14 +162,16 @@ class MARS(ShineOptimizer):
                  optimize_1d: bool = False, lr_1d: float = 3e-3, betas_1d: tuple[float, float] = (0.9, 0.95),
                  weight_decay_1d: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
                  cautious: bool = False, maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, nonfinite: str = "raise"):
+                 fused: bool | None = None, nonfinite: str = "raise",
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
         if isinstance(mars_type, str) and mars_type.startswith("mars-"):
             mars_type = mars_type[len("mars-"):]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma, mars_type=mars_type,
                         approx=approx, optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=betas_1d,
                         weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
                         **_common(cautious, maximize))
-        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group):
         _check_lr_wd(group, positive_lr=True)
@@ -278,11 +284,13 @@ class CAME(ShineOptimizer):
     def __init__(self, params: Any, lr: float | None = None, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  eps: tuple[float, float] = (1e-30, 1e-16), clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
                  factor_conv: str = "flatten", cautious: bool = False, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise"):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
         require(lr is not None, "CAME needs an explicit lr (recommended: 0.5-0.9x your AdamW lr)")
         defaults = dict(lr=lr, betas=betas, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
                         factor_conv=factor_conv, **_common(cautious, maximize))
-        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group):
         _check_lr_wd(group)
@@ -301,8 +309,11 @@ class CAME(ShineOptimizer):
         if route == "unfactored":
             return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
         row, col = rules.factored_shapes(p.shape, group["factor_conv"])
-        return {"exp_avg": state_zeros(p), "exp_avg_sq_row": state_zeros(p, row), "exp_avg_sq_col": state_zeros(p, col),
-                "exp_avg_res_row": state_zeros(p, row), "exp_avg_res_col": state_zeros(p, col)}
+        view = (*row, col[-1])  # the rule's view of the gradient; row = mean over -1, col = mean over -2
+        return {"exp_avg": state_zeros(p), "exp_avg_sq_row": state_zeros(p, reduce=(view, -1)),
+                "exp_avg_sq_col": state_zeros(p, reduce=(view, -2)),
+                "exp_avg_res_row": state_zeros(p, reduce=(view, -1)),
+                "exp_avg_res_col": state_zeros(p, reduce=(view, -2))}
 
     def _pipeline(self, group, route):
         beta1, beta2, beta3 = group["betas"]
