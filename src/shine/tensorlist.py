@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .distributed import is_dtensor
+
 _Operand = Any  # a number, a 0-d tensor, a list of numbers or a TensorList
 
 
@@ -58,7 +60,13 @@ class TensorList:
     def sub_(self, o): torch._foreach_sub_(self.tensors, self._arg(o)); return self
     def mul_(self, o): torch._foreach_mul_(self.tensors, self._arg(o)); return self
     def div_(self, o): torch._foreach_div_(self.tensors, self._arg(o)); return self
-    def copy_(self, o): torch._foreach_copy_(self.tensors, self._arg(o)); return self
+    def copy_(self, o):
+        if self.tensors and is_dtensor(self.tensors[0]):  # DTensor has no _foreach_copy_ strategy
+            for t, x in zip(self.tensors, self._arg(o)):
+                t.copy_(x)
+        else:
+            torch._foreach_copy_(self.tensors, self._arg(o))
+        return self
     def lerp_(self, end, w): torch._foreach_lerp_(self.tensors, self._arg(end), self._arg(w)); return self
     def lerp(self, end, w): return TensorList(torch._foreach_lerp(self.tensors, self._arg(end), self._arg(w)))
     def sqrt(self): return TensorList(torch._foreach_sqrt(self.tensors))

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ..distributed import placed_like
 from ..tensorlist import per_tensor
 
 
@@ -55,13 +56,13 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     sq = x * x + eps1
     exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
     exp_avg_sq_col.lerp_(_mean(sq, -2), 1 - beta2)
-    u = x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
+    u = placed_like(x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col), m)  # identity unless DTensor
     u = u / (_rms(u) / clip_threshold).clamp_min(1.0)
     m.lerp_(u, 1 - beta1)
     res = (u - m) ** 2 + eps2
     exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
     exp_avg_res_col.lerp_(_mean(res, -2), 1 - beta3)
-    return (m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col)).view(shape)
+    return placed_like(m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).view(shape)
 
 
 def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):

@@ -5,6 +5,7 @@ are Adam's (:func:`shine.rules.adamw`), the sign of the momentum (MARS-Lion) and
 the orthogonalised momentum (MARS-Shampoo).
 """
 from .newton_schulz import newton_schulz5
+from ..distributed import whole_tensor
 from ..tensorlist import per_tensor
 
 
@@ -36,6 +37,7 @@ def orthogonal_momentum(x, exp_avg, *, beta1, ns_steps, ns_dtype=None):
 
 
 @per_tensor
+@whole_tensor  # a sharded DTensor is gathered once, not iterated on shard by shard (see shine.distributed)
 def _scaled_orthogonalisation(m, *, ns_steps, ns_dtype):
     rows, cols = m.shape[-2], m.shape[-1]
     return newton_schulz5(m, steps=ns_steps, dtype=ns_dtype) * max(1.0, rows / cols) ** 0.5

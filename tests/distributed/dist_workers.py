@@ -1,0 +1,208 @@
+"""Worker side of the distributed tests: a small model, the training loops, and a process launcher.
+
+Everything runs on CPU with the gloo backend, on 127.0.0.1 only. ``launch`` spawns
+``world`` processes once and runs one job in each (a job trains MANY optimizer
+configurations, so the cost of starting a process group is paid once per test
+file, not once per optimizer). Rank 0's return value comes back to the caller.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import shine
+
+STEPS = 5
+BATCH = 12          # divisible by 1, 2, 3, 4 ranks: every rank gets an equal slice
+LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2}
+WEIGHT_DECAY = 0.1
+
+
+class Net(nn.Module):
+    """Shapes that do not divide by 2 ranks: conv 3x2x3x3, matrices 5x3, 7x5 and 1x7, biases 3, 5, 7, 1.
+
+    Sharded on dim 0 over 2 ranks the 1x7 matrix and the bias of 1 leave one rank an empty shard.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc1 = nn.Linear(3, 5)
+        self.fc2 = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 1)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(1)
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(h)))))
+
+
+def batch(step: int, rank: int = 0, world: int = 1):
+    """The global batch of ``step`` (same on every rank), and this rank's equal slice of it."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 2, 3, 3, generator=g)
+    y = torch.randn(BATCH, 1, generator=g)
+    n = BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def new_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+# ---- optimizer configurations -------------------------------------------------------
+def configs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (registry name, extra keyword arguments): every registered optimizer, plus
+    MARS exact mode and the CAME reference conv factoring."""
+    out = {name: (name, {}) for name in shine.list_optimizers()}
+    out["mars-adamw-exact"] = ("mars-adamw", {"approx": False})
+    out["c-mars-shampoo-exact"] = ("c-mars-shampoo", {"approx": False})
+    out["came-last2"] = ("came", {"factor_conv": "last2"})
+    return out
+
+
+def _kwargs(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    cls, kwargs = shine.registry.resolve(name)
+    return {**kwargs, "lr": LR[name.removeprefix("c-")], **extra}
+
+
+def make_optimizer(model: nn.Module, label: str, mode: str, **flags: Any) -> torch.optim.Optimizer:
+    name, extra = configs()[label]
+    if mode == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        cls, _ = shine.registry.resolve(name)
+        keys = ("weight_decay", "weight_decay_1d") if cls is shine.MARS else ("weight_decay",)
+        groups = shine.registry.param_groups(model, WEIGHT_DECAY, keys)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **_kwargs(name, extra), **flags)
+    return shine.create_optimizer(model, name, lr=LR[name.removeprefix("c-")], weight_decay=WEIGHT_DECAY,
+                                  **extra, **flags)
+
+
+def _inner(opt):
+    return getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps the rank's optimizer in .optim
+
+
+def train(model: nn.Module, opt, steps: range, rank: int = 0, world: int = 1) -> list[float]:
+    """Plain data-parallel training on this rank's slice; MARS exact mode stashes the next batch's gradient."""
+    losses = []
+    exact = any(not g.get("approx", True) for g in opt.param_groups)
+    for t in steps:
+        if exact:
+            opt.zero_grad()
+            x, y = batch(t + 1, rank, world)
+            nn.functional.mse_loss(model(x), y).backward()
+            _inner(opt).stash_grad()
+        opt.zero_grad()
+        x, y = batch(t, rank, world)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters (gathered from DTensor shards) as float64, keyed by name without wrappers."""
+    out = {}
+    for name, p in model.named_parameters():
+        p = p.detach()
+        if hasattr(p, "full_tensor"):
+            p = p.full_tensor()
+        out[name.removeprefix("module.")] = p.double().clone()
+    return out
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2: every layer and the root sharded on dim 0 over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model.conv, model.fc1, model.fc2, model.out):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def wrap(model: nn.Module, mode: str, world: int) -> nn.Module:
+    if mode in ("ddp", "zero"):
+        return nn.parallel.DistributedDataParallel(model)
+    if mode.startswith("fsdp"):
+        return shard(model, world)
+    assert mode == "single", mode
+    return model
+
+
+FLAGS = {"fsdp": {}, "fsdp-per_tensor": {"foreach": False}, "fsdp-fused": {"fused": True}}
+
+
+def run_one(label: str, mode: str, rank: int = 0, world: int = 1, steps: int = STEPS):
+    model = wrap(new_model(), mode, world)
+    opt = make_optimizer(model, label, mode, **FLAGS.get(mode, {}))
+    losses = train(model, opt, range(steps), rank, world)
+    return full_params(model), losses, shine.optimizer_state_bytes(_inner(opt))
+
+
+def reference(labels, steps: int = STEPS):
+    """Single-process runs on the whole batch."""
+    return {label: run_one(label, "single", steps=steps) for label in labels}
+
+
+# ---- jobs run inside the process group -------------------------------------------------------
+def job_equivalence(rank: int, world: int, cases: list[tuple[str, str]]):
+    """Train every (label, mode) case; returns {case: (params, losses, state bytes) or the error text}."""
+    results = {}
+    for label, mode in cases:
+        if os.environ.get("SHINE_DIST_VERBOSE"):
+            print(f"[rank {rank}] {mode} {label}", flush=True)
+        try:
+            results[(label, mode)] = run_one(label, mode, rank, world)
+        except Exception as err:  # noqa: BLE001 - reported to the test, which decides
+            results[(label, mode)] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+        dist.barrier()
+    return results
+
+
+# ---- launcher ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, job: Callable, args: tuple, out: str) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = job(rank, world, *args)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(job: Callable, world: int, *args: Any) -> Any:
+    """Run ``job(rank, world, *args)`` in ``world`` fresh processes (gloo, 127.0.0.1); rank 0's result."""
+    if Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.spawn(_entry, args=(world, _free_port(), job, args, out), nprocs=world, join=True)
+        return torch.load(out, weights_only=False)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 for an empty or all-zero pair)."""
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return (a - b).abs().max().item() / scale if scale else float((a - b).abs().max().item() if a.numel() else 0.0)
