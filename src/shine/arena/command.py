@@ -15,7 +15,7 @@ import torch
 import shine
 
 from . import report
-from .data import load_corpus
+from .data import ByteCorpus, load_corpus
 from .model import MODEL_PRESETS, build_model
 from .runner import ARENA_OPTIMIZERS, DEFAULT_OPTIMIZERS, SWEEP_FACTORS, ArenaConfig, RunLog, Task, optimizer_hyper, set_threads, train_run
 
@@ -108,6 +108,8 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
     known = shine.list_optimizers()
     sizes = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
     names = list(dict.fromkeys(n for opt in (args.optimizers or DEFAULT_OPTIMIZERS) for n in opt.split(",") if n))
+    if not names:
+        raise ValueError("--optimizers: no optimizer named")
     for name in names:
         check_optimizer(name, known)
     given = parse_lr_specs(args.lr, known)
@@ -127,6 +129,20 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
         device=device,
     )
     return ArenaConfig(task, lr_grids(names, given, args.sweep), sizes["seeds"], args.out, args.resume)
+
+
+def train_all(corpus: ByteCorpus, task: Task, todo: list[tuple[str, float, int]], log: RunLog) -> bool:
+    """Train and log each (optimizer, lr, seed) in `todo`; False if Ctrl-C stopped it first."""
+    try:
+        for i, (name, lr, seed) in enumerate(todo, 1):
+            progress = report.Progress(task.steps, f"[{i}/{len(todo)}] {name} lr={lr:.3g} seed={seed}")
+            try:
+                log.add(train_run(corpus, task, name, lr, seed, progress.update))
+            finally:
+                progress.close()
+    except KeyboardInterrupt:
+        return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,16 +172,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for notice in report.missing_extras_notices():
         print(notice)
-    interrupted = False
-    try:
-        for i, (name, lr, seed) in enumerate(todo, 1):
-            progress = report.Progress(task.steps, f"[{i}/{len(todo)}] {name} lr={lr:.3g} seed={seed}")
-            try:
-                log.add(train_run(corpus, task, name, lr, seed, progress.update))
-            finally:
-                progress.close()
-    except KeyboardInterrupt:
-        interrupted = True
+    interrupted = not train_all(corpus, task, todo, log)
     planned = set(plan)
     records = [r for r in log.records if (r["optimizer"], r["lr"], r["seed"]) in planned]
     if not records:

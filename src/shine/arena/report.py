@@ -133,8 +133,10 @@ def summarize(records: Sequence[dict[str, Any]], names: Sequence[str], baseline:
     return rows
 
 
-def _loss(mean: float, std: float) -> str:
-    return "diverged" if math.isinf(mean) else f"{mean:.4f} ± {std:.4f}"
+def _loss(mean: float, std: float, seeds: int) -> str:
+    if math.isinf(mean):
+        return "diverged"
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
 def _vs_best(row: dict[str, Any]) -> str:
@@ -154,7 +156,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str = "adamw") -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
-            r["optimizer"], f"{r['best_lr']:.3g}", _loss(r["val_loss_mean"], r["val_loss_std"]), _vs_best(r),
+            r["optimizer"], f"{r['best_lr']:.3g}", _loss(r["val_loss_mean"], r["val_loss_std"], r["seeds"]), _vs_best(r),
             "-" if math.isinf(r["train_loss_mean"]) else f"{r['train_loss_mean']:.4f}", str(r["seeds"]),
             f"{r['time_per_step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['state_mb']:.2f}",
             "-" if r["steps_to_baseline_loss"] is None else str(r["steps_to_baseline_loss"]),
@@ -170,7 +172,7 @@ def markdown_lr_grid(rows: Sequence[dict[str, Any]]) -> str:
         for g in r["lr_grid"]:
             chosen = "✓" if g["lr"] == r["best_lr"] else ""
             lines.append(
-                f"| {r['optimizer']} | {g['lr']:.3g} | {_loss(g['val_loss_mean'], g['val_loss_std'])} | {g['seeds']} | {chosen} |"
+                f"| {r['optimizer']} | {g['lr']:.3g} | {_loss(g['val_loss_mean'], g['val_loss_std'], g['seeds'])} | {g['seeds']} | {chosen} |"
             )
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ ARENA_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "came": {"lr": 2e-3, "weight_decay": 0.1},
 }
 DEFAULT_OPTIMIZERS: tuple[str, ...] = tuple(ARENA_OPTIMIZERS)
-SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --sweep: the lr grid around each optimizer's centre lr
+SWEEP_FACTORS = (0.5, 1.0, 2.0)  # --sweep: the lr grid around each optimizer's centre lr
 WARMUP_FRACTION = 0.1
 MIN_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak lr
 GRAD_CLIP = 1.0
