@@ -81,6 +81,10 @@ class ShineOptimizer(Optimizer):
     def _pipeline(self, group: dict[str, Any], route: Hashable) -> tuple[Pipeline, dict[str, Any]]:
         raise NotImplementedError
 
+    def _whole_tensor_math(self, group: dict[str, Any]) -> bool:
+        """Whether the group's math reads whole tensors (norms, means, shapes), not just elements."""
+        return True
+
     # ---- torch.optim.Optimizer API -----------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -88,6 +92,8 @@ class ShineOptimizer(Optimizer):
         for p in group["params"]:
             check_param(p, type(self).__name__)
         self._check_group(group)
+        for p in group["params"]:
+            distributed.check_layout(p, type(self).__name__, self._whole_tensor_math(group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -107,6 +113,24 @@ class ShineOptimizer(Optimizer):
                 if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
+    def init_state(self) -> None:
+        """Create every parameter's zero state now, as the first step would, without stepping.
+
+        ``torch.distributed.checkpoint.state_dict.get_state_dict`` otherwise creates the
+        state of a fresh optimizer with a fake step on zero gradients (which MARS exact
+        mode refuses for want of a stashed gradient); call this before it when resuming.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_param_state(group, p)
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state.update(_cast_state(self._new_state(group, self._route(group, p), p), p, group.get("state_dtype")))
+            state["step"] = torch.tensor(0.0)
+        return state
+
     # ---- the step --------------------------------------------------------------------
     def _update(self) -> bool:
         """Run every bucket once; returns False when a non-finite gradient made it skip."""
@@ -121,23 +145,22 @@ class ShineOptimizer(Optimizer):
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
             for p in params:
                 route = self._route(group, p)
-                state = self.state[p]
-                if "step" not in state:
-                    state.update(_cast_state(self._new_state(group, route, p), p, group.get("state_dtype")))
-                    state["step"] = torch.tensor(0.0)
+                state = self._init_param_state(group, p)
                 state["step"] += 1
-                buckets[(route, p.device, p.dtype, float(state["step"]))].append(p)
-            for (route, device, _, step), ps in buckets.items():
+                # DTensors of one mesh, or plain tensors, never mixed: they cannot share a kernel
+                buckets[(route, p.device, p.dtype, float(state["step"]), distributed.mesh_of(p))].append(p)
+            for (route, device, _, step, _), ps in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
                 path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in ps))
-                engine.run_bucket(path, pipe, ps, [p.grad for p in ps], [self.state[p] for p in ps],
-                                  {**hyper, "step": step, **_rounding(group)})
+                path, ps, grads, states = distributed.localise(path, group["fused"], pipe, ps, [p.grad for p in ps],
+                                                               [self.state[p] for p in ps])
+                engine.run_bucket(path, pipe, ps, grads, states, {**hyper, "step": step, **_rounding(group)})
         return True
 
     def _gradients_finite(self, params: list[Tensor]) -> bool:
         if self.nonfinite == "ignore" or not params:
             return True
-        if engine.grads_finite([p.grad for p in params]):
+        if distributed.grads_finite([p.grad for p in params], engine.grads_finite):
             return True
         if self.nonfinite == "skip":
             self.skipped_steps += 1

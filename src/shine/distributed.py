@@ -26,6 +26,7 @@ Without torch.distributed every helper is the single-process identity.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -96,3 +97,88 @@ def whole_tensor(fn: Callable) -> Callable:
             mesh, x.placements)
 
     return wrapper
+
+
+def check_layout(p: Tensor, optimizer: str, whole_tensor_math: bool) -> None:
+    """Refuse parameters flattened by FSDP1 (``FullyShardedDataParallel``) where the math needs shapes.
+
+    FSDP1 hands the optimizer 1-D flat shards (with or without ``use_orig_params``), so
+    a per-tensor norm or mean, CAME's factoring or Newton-Schulz would silently compute
+    something else. Element-wise optimizers (AdamW, Lion without caution) are unaffected.
+    """
+    if whole_tensor_math and getattr(p, "_fsdp_flattened", False):
+        raise ValueError(
+            f"{optimizer} needs each parameter whole or as a DTensor, but got a parameter flattened by FSDP1 "
+            f"(FullyShardedDataParallel; shape {tuple(p.shape)}): its per-tensor norms, means, factoring and "
+            "Newton-Schulz would be computed over flat shards. Shard the model with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) instead; see docs/distributed.md.")
+
+
+def grads_finite(grads: list[Tensor], check: Callable[[list[Tensor]], bool]) -> bool:
+    """``check`` (a finite test of plain tensors) over ``grads``, DTensor gradients included.
+
+    Each rank checks its local shards (empty shards skipped: an inf-norm of an empty
+    tensor is an error) and one all-reduce per mesh makes the verdict the same on
+    every rank, so that all of them skip (or raise) together.
+    """
+    plain = [g for g in grads if not is_dtensor(g) and g.numel()]
+    finite = check(plain) if plain else True
+    meshes: dict[Any, list[Tensor]] = {}
+    for g in grads:
+        if is_dtensor(g):
+            meshes.setdefault(g.device_mesh, []).append(g.to_local())
+    for mesh, local in meshes.items():
+        local = [t for t in local if t.numel()]
+        bad = torch.zeros(1, device=local[0].device if local else mesh.device_type)
+        if local and not check(local):
+            bad += 1
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(dim))
+        finite = finite and not bool(bad)
+    return finite
+
+
+def _elementwise(pipe: Any) -> bool:
+    """Whether a pipeline is purely element-wise (no whole-tensor quantity anywhere in it)."""
+    from . import rules  # late: the rules import this module
+    return pipe.precondition in (rules.adamw, rules.lion) and not pipe.cautious and not pipe.correction
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+_WARNED: set[str] = set()
+
+
+def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor], grads: list[Tensor],
+             states: list[dict[str, Any]]) -> tuple[str, list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """The execution path and tensors for a bucket of DTensor parameters (plain buckets unchanged).
+
+    - An element-wise pipeline (AdamW, Lion without caution or MARS correction) gives the same
+      numbers on every shard as on the whole tensor, so it runs on the local shards
+      (``to_local()`` views, updated in place) on whichever path was chosen, fused included:
+      no DTensor dispatch, no communication.
+    - Any other pipeline needs whole-tensor reductions and runs on the DTensors; the fused
+      path cannot trace those (uneven shards cannot be flattened), so it falls back to the
+      multi-tensor path (one warning when ``fused=True`` was asked for).
+    """
+    if not params or not is_dtensor(params[0]):
+        return path, params, grads, states
+    placements = params[0].placements
+    same = all(is_dtensor(t) and t.placements == placements
+               for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
+                                           and v.ndim)))
+    if same and _elementwise(pipe):
+        return (path, [_local(p) for p in params], [_local(g) for g in grads],
+                [{k: _local(v) for k, v in s.items()} for s in states])
+    if path == "fused":
+        if fused_flag:
+            what = ("cautious " if pipe.cautious else "") + ("MARS-corrected " if pipe.correction else "")
+            message = (f"shine: fused=True is not available for {what}{pipe.precondition.__name__} on DTensor "
+                       "parameters (whole-tensor reductions over shards); using the multi-tensor path")
+            if message not in _WARNED:
+                _WARNED.add(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+        path = "foreach"
+    return path, params, grads, states

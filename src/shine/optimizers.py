@@ -64,6 +64,9 @@ class AdamW(ShineOptimizer):
     def _route(self, group, p):
         return "adamw"
 
+    def _whole_tensor_math(self, group):
+        return group["cautious"]
+
     def _new_state(self, group, route, p):
         return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
 
@@ -98,6 +101,9 @@ class Lion(ShineOptimizer):
 
     def _route(self, group, p):
         return "lion"
+
+    def _whole_tensor_math(self, group):
+        return group["cautious"]
 
     def _new_state(self, group, route, p):
         return {"exp_avg": state_zeros(p)}
@@ -250,7 +256,8 @@ class MARS(ShineOptimizer):
             raise RuntimeError(f"MARS exact mode (approx=False): {len(missing)} parameter(s) have no stashed "
                                "gradient. Each iteration, compute the NEXT batch's gradient and call "
                                "opt.stash_grad() before the current batch's backward and opt.step() "
-                               "(or pass next_closure=...).")
+                               "(or pass next_closure=...). Resuming with torch.distributed.checkpoint? "
+                               "Call opt.init_state() before get_state_dict(), which otherwise steps once.")
         if self._update():
             for p in exact:
                 self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")

@@ -108,6 +108,10 @@ def train(model: nn.Module, opt, steps: range, rank: int = 0, world: int = 1) ->
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
+        loss = loss.detach().clone()
+        if world > 1:  # the whole batch's loss: the mean of the equal slices'
+            dist.all_reduce(loss)
+            loss /= world
         losses.append(loss.item())
     return losses
 
@@ -137,6 +141,8 @@ def shard(model: nn.Module, world: int) -> nn.Module:
 def wrap(model: nn.Module, mode: str, world: int) -> nn.Module:
     if mode in ("ddp", "zero"):
         return nn.parallel.DistributedDataParallel(model)
+    if mode == "fsdp1":
+        return model
     if mode.startswith("fsdp"):
         return shard(model, world)
     assert mode == "single", mode
@@ -206,3 +212,120 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (0 for an empty or all-zero pair)."""
     scale = b.abs().max().item() if b.numel() else 0.0
     return (a - b).abs().max().item() / scale if scale else float((a - b).abs().max().item() if a.numel() else 0.0)
+
+
+# ---- checkpoints (torch.distributed.checkpoint) ------------------------------------------------
+CKPT_AT = 3      # steps before the checkpoint
+CKPT_STEPS = 6   # steps in all
+
+
+def _model_and_optimizer(label: str, mode: str, world: int):
+    model = wrap(new_model(), mode, world)
+    return model, make_optimizer(model, label, mode)
+
+
+def save_checkpoint(model, opt, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_checkpoint(model, opt, path: str) -> None:
+    """The documented resume recipe: create the state, read the checkpoint into it, set it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if any(not g.get("approx", True) for g in opt.param_groups):
+        # get_state_dict would create the state with a fake step, which MARS exact mode refuses;
+        # the other optimizers go through that torch default here, so both recipes are tested
+        opt.init_state()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def checkpoint_run(label: str, mode: str, root: str, rank: int = 0, world: int = 1, save_tag: str | None = None,
+                   load_tag: str | None = None):
+    """Train CKPT_STEPS steps, or resume from ``load_tag`` at CKPT_AT; save at CKPT_AT under ``save_tag``.
+
+    Returns the final whole parameters and the optimizer's state-dict step counts."""
+    model, opt = _model_and_optimizer(label, mode, world)
+    start = 0
+    if load_tag is not None:
+        load_checkpoint(model, opt, os.path.join(root, f"{label}-{load_tag}"))
+        start = CKPT_AT
+    if start == 0:
+        train(model, opt, range(CKPT_AT), rank, world)
+        if save_tag is not None:
+            save_checkpoint(model, opt, os.path.join(root, f"{label}-{save_tag}"))
+    train(model, opt, range(CKPT_AT, CKPT_STEPS), rank, world)
+    return full_params(model)
+
+
+def job_checkpoint(rank: int, world: int, labels: list[str], root: str):
+    """Per label on FSDP2: an uninterrupted run that saves at CKPT_AT ("fsdp{world}"), a resume from it,
+    and a resume from the single-process checkpoint "single" written by the caller."""
+    results = {}
+    for label in labels:
+        try:
+            results[label] = {
+                "straight": checkpoint_run(label, "fsdp", root, rank, world, save_tag=f"fsdp{world}"),
+                "resumed": checkpoint_run(label, "fsdp", root, rank, world, load_tag=f"fsdp{world}"),
+                "from_single": checkpoint_run(label, "fsdp", root, rank, world, load_tag="single"),
+            }
+        except Exception as err:  # noqa: BLE001
+            results[label] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+        dist.barrier()
+    return results
+
+
+# ---- non-finite gradients on one shard ----------------------------------------------------
+def job_nonfinite(rank: int, world: int, labels: list[str]):
+    """A NaN in ONE rank's shard of one gradient: every rank must skip (or raise) alike."""
+    results = {}
+    for label in labels:
+        model = wrap(new_model(), "fsdp", world)
+        name, extra = configs()[label]
+        opt = shine.create_optimizer(model, name, lr=LR[name.removeprefix("c-")], nonfinite="skip", **extra)
+        train(model, opt, range(2), rank, world)
+        before = full_params(model)
+        opt.zero_grad()
+        x, y = batch(2, rank, world)
+        nn.functional.mse_loss(model(x), y).backward()
+        if rank == world - 1:
+            model.fc2.weight.grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        after = full_params(model)
+        skipped = torch.tensor([opt.skipped_steps])
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(gathered, skipped)
+        results[label] = ([int(s) for s in gathered], all(torch.equal(before[k], after[k]) for k in before))
+    return results
+
+
+# ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------
+def job_fsdp1(rank: int, world: int, labels: list[str]):
+    """{label: None (accepted) or the error message} for FSDP1-flattened parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    model = FullyShardedDataParallel(new_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    out = {}
+    for label in labels:
+        try:
+            make_optimizer(model, label, "fsdp1")
+            out[label] = None
+        except ValueError as err:
+            out[label] = str(err)
+    return out
+
+
+def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_labels: list[str],
+              fsdp1_labels: list[str]):
+    """Everything of test_ddp_fsdp_zero in one process group."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        equivalence = job_equivalence(rank, world, cases)
+    return {"equivalence": equivalence,
+            "warnings": sorted({str(w.message) for w in caught if str(w.message).startswith("shine:")}),
+            "nonfinite": job_nonfinite(rank, world, nonfinite_labels),
+            "fsdp1": job_fsdp1(rank, world, fsdp1_labels)}
