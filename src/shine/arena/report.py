@@ -230,16 +230,18 @@ def plot_curves(path: Path, records: Sequence[dict[str, Any]], rows: Sequence[di
     families = sorted({row["optimizer"].removeprefix("c-") for row in rows})
     colours = dict(zip(families, plt.get_cmap("tab10").colors))
     window = max(1, max((len(r["train_losses"]) for r in records), default=1) // 25)
+    first_val: list[float] = []
     for row in rows:
         runs = [r for r in records if (r["optimizer"], r["lr"], r["diverged"]) == (row["optimizer"], row["best_lr"], False)]
+        if not runs:
+            continue
         style = {
             "color": colours[row["optimizer"].removeprefix("c-")],
             "linestyle": "--" if row["optimizer"].startswith("c-") else "-",
         }
-        if not runs:
-            continue
         train = [_moving_average(r["train_losses"], window) for r in runs]
         val = [[loss for _, loss in r["val_curve"]] for r in runs]
+        first_val += [curve[0] for curve in val]
         label = f"{row['optimizer']} (lr {row['best_lr']:.3g})"
         for ax, steps, curves in (
             (ax_train, range(1, len(train[0]) + 1), train),
@@ -251,6 +253,8 @@ def plot_curves(path: Path, records: Sequence[dict[str, Any]], rows: Sequence[di
     ax_train.set_title(f"train loss (moving average over {window} steps)")
     ax_val.set_title("validation loss")
     for ax in (ax_train, ax_val):
+        if first_val:  # zoom past the first drop from ln(256), where the optimizers differ
+            ax.set_ylim(top=1.05 * max(first_val))
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/byte)")
         ax.grid(alpha=0.3)
