@@ -55,7 +55,7 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     train_run = command.train_run
     monkeypatch.setattr(command, "train_run", lambda *a, **k: calls.append(a[2:5]) or train_run(*a, **k))
     assert arena("--optimizers", "adamw,lion", *SMALL, "--seeds", "2", "--resume", out=tmp_path) == 0
-    assert calls == [("adamw", 3e-3, 1), ("lion", 3e-4, 1)]
+    assert calls == [("adamw", runner.ARENA_OPTIMIZERS["adamw"]["lr"], 1), ("lion", runner.ARENA_OPTIMIZERS["lion"]["lr"], 1)]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert sorted((r["optimizer"], r["seed"]) for r in runs) == [("adamw", 0), ("adamw", 1), ("lion", 0), ("lion", 1)]
 
