@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from . import bench
 from .arena import command as arena
 
-SUBCOMMANDS = {"arena": arena}
+SUBCOMMANDS = {"arena": arena, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

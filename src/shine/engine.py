@@ -177,7 +177,8 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
     """One compiled call per tensor. The compiled function is ``pipeline_step`` itself, traced
     with dynamic shapes, so one graph per (pipeline, dtypes, rank) serves every tensor size; the
     float hyperparameters (lr, betas, step, ...) are 0-d tensors, so a scheduler changing lr or
-    the step count never recompiles."""
+    the step count never recompiles. Single-element tensors run ``pipeline_step`` eagerly (the
+    same math; compiling them would add a graph per pipeline for no speed)."""
     if pipe in _BROKEN:
         return run_bucket("foreach", pipe, params, grads, states, hyper)
     device = params[0].device
@@ -189,6 +190,9 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
     flatten = pipe.precondition in _SHAPE_FREE
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         state = {n: s[n] for n in names}
+        if p.numel() <= 1:  # a compiled call would cost a graph of its own (size-1 specialisation)
+            pipeline_step(pipe, p, g, state, hyper)
+            continue
         if flatten and p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in state.values()):
             p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
         key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))

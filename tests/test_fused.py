@@ -1,0 +1,186 @@
+"""The fused path (torch.compile of ``pipeline_step``) against the per-tensor reference path.
+
+Compiling costs seconds per graph on a 2-core CPU, so the cases are chosen to share graphs:
+every pipeline compiles once per process (engine caches the compiled step per pipeline, rank
+and dtypes), whichever test triggers it first.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import shine
+from shine import engine
+
+# 0-d, 1-d, 2-d wide and tall, 4-d conv kernel.
+SHAPES = [(), (5,), (3, 7), (7, 3), (2, 3, 3, 3)]
+STEPS = 6
+# Every rule in fp32; bf16 parameters (fp32 state) for one case of each kind of box.
+CASES = [(name, "fp32") for name in shine.list_optimizers()] + [
+    ("lion", "bf16"), ("c-mars-adamw", "bf16"), ("came", "bf16")]
+HYPER = {"came": {"lr": 1e-3}, "c-came": {"lr": 1e-3}}
+
+needs_compiler = pytest.mark.skipif(not engine.compiler_available("cpu"), reason="torch.compile unavailable")
+
+
+def problem(dtype, seed=0, steps=STEPS):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def build(name, params, path, **kw):
+    flags = {"fused": dict(fused=True), "foreach": dict(fused=False),
+             "per_tensor": dict(fused=False, foreach=False)}[path]
+    return shine.create_optimizer(params, name, weight_decay=0.1, **HYPER.get(name, {}), **flags, **kw)
+
+
+def drive(opt, params, grads, scheduler=None, on_step=None):
+    """Step through ``grads``; returns the float64 parameters after every step."""
+    out = []
+    for t, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if on_step is not None:
+            on_step(t)
+        out.append([p.detach().double().clone() for p in params])
+    return out
+
+
+def assert_close(actual, expected, dtype, what=""):
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for t, (a_t, e_t) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(a_t, e_t)):
+            torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{what} step {t + 1} param {i} "
+                                                                  f"{tuple(a.shape)}: {m}")
+
+
+def lr_schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.1 * t)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, dtype_name", CASES, ids=[f"{n}-{d}" for n, d in CASES])
+def test_fused_matches_reference_and_never_recompiles(name, dtype_name):
+    """Every rule, every shape class: fused follows the per-tensor reference over several steps
+    while a scheduler changes lr every step, and no step after the first compiles anything."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    params0, grads = problem(dtype)
+    graphs_after = {}
+
+    def count(t):
+        graphs_after[t] = counters["stats"]["unique_graphs"]
+
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = build(name, params, "fused")
+    fused = drive(opt, params, grads, lr_schedule(opt), on_step=count)
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = build(name, params, "per_tensor")
+    reference = drive(opt, params, grads, lr_schedule(opt))
+    assert_close(fused, reference, dtype, f"{name} {dtype_name} fused vs per_tensor")
+    assert graphs_after[STEPS - 1] == graphs_after[0], (
+        f"lr/step changes recompiled: graph count per step {graphs_after}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["c-mars-adamw", "came"])
+@pytest.mark.parametrize("source, target", [("fused", "foreach"), ("per_tensor", "fused")])
+def test_checkpoint_moves_between_paths(name, source, target):
+    """A state_dict saved on one path loads into an optimizer on another and continues as the
+    source would have."""
+    params0, grads = problem(torch.float32, seed=1)
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = build(name, params, source)
+    drive(opt, params, grads[:3])
+    checkpoint = copy.deepcopy(opt.state_dict())  # state_dict() shares the live state tensors
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    continued = drive(opt, params, grads[3:])
+    resumed = build(name, resumed_params, target)
+    resumed.load_state_dict(checkpoint)
+    assert_close(drive(resumed, resumed_params, grads[3:]), continued, torch.float32,
+                 f"{name}: {source} checkpoint continued on {target}")
+
+
+def test_fallback_without_compiler_warns_once(monkeypatch):
+    """fused=True without a compiler: one warning, then the multi-tensor path's numbers."""
+    monkeypatch.setattr(engine, "compiler_available", lambda device_type: False)
+    monkeypatch.setattr(engine, "_WARNED", set())
+    params0, grads = problem(torch.float32, seed=2)
+    params = [p.clone().requires_grad_() for p in params0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = drive(build("mars-adamw", params, "fused"), params, grads[:3])
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "multi-tensor" in messages[0]
+    params = [p.clone().requires_grad_() for p in params0]
+    expected = drive(build("mars-adamw", params, "foreach"), params, grads[:3])
+    for a_t, e_t in zip(fused, expected):
+        for a, e in zip(a_t, e_t):
+            assert torch.equal(a, e)
+
+
+def test_fallback_when_compiling_fails(monkeypatch):
+    """A compiler that works for the probe but fails on a pipeline: one warning, that pipeline
+    runs on the multi-tensor path, and no tensor is stepped twice or skipped."""
+    def broken(key):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
+    monkeypatch.setattr(engine, "_compiled", broken)
+    monkeypatch.setattr(engine, "_WARNED", set())
+    monkeypatch.setattr(engine, "_BROKEN", set())
+    monkeypatch.setattr(engine, "_COMPILED_OK", set())
+    params0, grads = problem(torch.float32, seed=3)
+    params = [p.clone().requires_grad_() for p in params0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = drive(build("c-adamw", params, "fused"), params, grads[:3])
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0], messages
+    params = [p.clone().requires_grad_() for p in params0]
+    expected = drive(build("c-adamw", params, "foreach"), params, grads[:3])
+    for a_t, e_t in zip(fused, expected):
+        for a, e in zip(a_t, e_t):
+            assert torch.equal(a, e)
+
+
+def test_auto_choice():
+    """fused=None: CPU fuses only buckets of AUTO_FUSE_MIN_NUMEL elements or more (so small
+    models and tests never compile); foreach=False keeps the reference loop; fused=False never."""
+    cpu = torch.device("cpu")
+    small, large = 1000, engine.AUTO_FUSE_MIN_NUMEL["cpu"]
+    assert engine.choose_path(None, None, cpu, small) == "foreach"
+    assert engine.choose_path(None, False, cpu, large) == "per_tensor"
+    assert engine.choose_path(False, None, cpu, large) == "foreach"
+    if engine.compiler_available("cpu"):
+        assert engine.choose_path(None, None, cpu, large) == "fused"
+        assert engine.choose_path(True, None, cpu, small) == "fused"
+    before = counters["stats"]["unique_graphs"]
+    params0, grads = problem(torch.float32, seed=4)
+    params = [p.clone().requires_grad_() for p in params0]
+    drive(shine.AdamW(params), params, grads[:2])
+    assert counters["stats"]["unique_graphs"] == before, "a small default optimizer compiled"
+
+
+def test_finite_check_exact_despite_overflow():
+    """The fast 2-norm screen overflows for huge finite gradients; the exact check then decides."""
+    big = torch.full((4,), 3e38)
+    assert engine.grads_finite([big, torch.ones(3)])
+    assert not engine.grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not engine.grads_finite([torch.tensor([float("-inf")])])
+    p = torch.zeros(4, requires_grad=True)
+    opt = shine.AdamW([p])
+    p.grad = big.clone()
+    opt.step()  # no error: finite
+    p.grad = torch.tensor([0.0, float("inf"), 0.0, 0.0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
