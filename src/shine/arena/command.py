@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     rows = report.summarize(records, list(config.lr_grids))
     header: dict[str, Any] = {
-        "task": asdict(task) | {"corpus": corpus.source},
+        "task": asdict(task) | {"corpus": corpus.source, "threads": threads},
         "seeds": config.seeds,
         "lr_grids": config.lr_grids,
         "hyper": {name: optimizer_hyper(name) for name in config.lr_grids},

@@ -93,9 +93,15 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def set_threads() -> int:
-    """Use at most as many intra-op threads as CPUs this process may run on (containers, taskset)."""
+    """Use as many intra-op threads as there are idle CPUs this process may run on; return that number.
+
+    On a busy machine, threads that wait for each other make a small model many times slower
+    (measured here: 2.4 s per step instead of 35 ms with 2 threads on 2 loaded cores), so CPUs
+    already busy by the 1-minute load average are left out. OMP_NUM_THREADS still caps it.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus)))
+    busy = math.floor(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus - busy)))
     return torch.get_num_threads()
 
 
