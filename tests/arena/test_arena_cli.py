@@ -131,3 +131,11 @@ def test_option_errors_exit_with_status_2(args, message, tmp_path, capsys):
 def test_python_dash_m_shine_lists_the_arena():
     result = subprocess.run([sys.executable, "-m", "shine", "arena", "--help"], capture_output=True, text=True, check=True)
     assert "--sweep" in result.stdout and "--resume" in result.stdout
+
+
+def test_data_option_trains_on_a_given_text_file(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 100)
+    assert arena("--optimizers", "adamw", *SMALL, "--data", str(text), out=tmp_path / "out") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["task"]["data"] == str(text) and results["task"]["corpus"] == str(text)

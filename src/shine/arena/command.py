@@ -22,7 +22,7 @@ from .runner import ARENA_OPTIMIZERS, DEFAULT_OPTIMIZERS, SWEEP_FACTORS, ArenaCo
 HELP = "compare optimizers on a small byte-level GPT (or your text) and report the numbers"
 
 # Sizes of a default run (under 10 minutes on 2 CPU cores) and of --quick (well under 2 minutes).
-DEFAULTS = {"model": "tiny", "steps": 400, "batch_size": 16, "seq_len": 64, "seeds": 3}
+DEFAULTS = {"model": "tiny", "steps": 300, "batch_size": 16, "seq_len": 64, "seeds": 3}
 QUICK = {"model": "nano", "steps": 60, "batch_size": 16, "seq_len": 64, "seeds": 1}
 
 
@@ -166,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"shine arena: {corpus.source} ({len(corpus.train) / 1e3:.0f} KB train, {len(corpus.val) / 1e3:.0f} KB validation), "
         f"model {task.model} ({n_params / 1e6:.2f} M params), {task.steps} steps x {task.batch_size} x {task.seq_len} bytes, "
-        f"{len(plan)} runs ({len(config.lr_grids)} optimizers, {config.seeds} seeds"
+        f"{len(plan)} runs ({len(config.lr_grids)} optimizers, seeds: {config.seeds}"
         + (f", {len(plan) - len(todo)} already done" if len(todo) < len(plan) else "")
-        + f") on {task.device} ({threads} threads)"
+        + f") on {task.device}, threads: {threads}"
     )
     for notice in report.missing_extras_notices():
         print(notice)

@@ -26,13 +26,13 @@ from .model import build_model
 # The arena's settings per optimizer: "lr" is the default learning rate for the default task
 # (tuned as described in README_SECTION.md); everything else goes to shine.create_optimizer.
 ARENA_OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "adamw": {"lr": 4e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    "adamw": {"lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
     "c-adamw": {"lr": 4e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
     "lion": {"lr": 8e-4, "betas": (0.9, 0.99), "weight_decay": 1.0},
-    "c-lion": {"lr": 1.6e-3, "betas": (0.9, 0.99), "weight_decay": 1.0},
-    "mars-adamw": {"lr": 8e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
-    "c-mars-adamw": {"lr": 8e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
-    "came": {"lr": 2.5e-4, "weight_decay": 0.1},
+    "c-lion": {"lr": 8e-4, "betas": (0.9, 0.99), "weight_decay": 1.0},
+    "mars-adamw": {"lr": 4e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
+    "c-mars-adamw": {"lr": 4e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
+    "came": {"lr": 1.25e-4, "weight_decay": 0.1},
 }
 DEFAULT_OPTIMIZERS: tuple[str, ...] = tuple(ARENA_OPTIMIZERS)
 SWEEP_FACTORS = (0.5, 1.0, 2.0)  # --sweep: the lr grid around each optimizer's centre lr
@@ -48,7 +48,7 @@ LOG_NAME = "runs.jsonl"
 class Task:
     """What every run trains on; runs of different tasks never mix in one output folder."""
 
-    data: str  # a path, or the name of the default corpus
+    data: str  # an absolute path, or "default"
     model: str
     steps: int
     batch_size: int
