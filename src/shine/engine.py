@@ -41,6 +41,8 @@ class Pipeline:
     MARS gradient estimate (state ``prev_grad``; hyperparameters ``gamma`` and
     ``beta1``); with ``approx`` the current gradient is then copied into
     ``prev_grad`` (a copy, never an alias). ``cautious`` masks the direction.
+    ``scalars`` derives further hyperparameters from the others (e.g. bias
+    corrections from the step count), once per step, in Python floats.
     """
 
     precondition: Callable
@@ -50,6 +52,7 @@ class Pipeline:
     approx: bool = True
     cautious: bool = False
     maximize: bool = False
+    scalars: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any]) -> None:
@@ -110,6 +113,8 @@ def _dtype_of(p) -> torch.dtype:
 def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tensor],
                states: list[dict[str, Tensor]], hyper: dict[str, Any]) -> None:
     """Apply one step of ``pipe`` to every tensor of a bucket on the chosen execution path."""
+    if pipe.scalars is not None:
+        hyper = {**hyper, **pipe.scalars(hyper)}
     if path == "per_tensor":
         for p, g, s in zip(params, grads, states):
             pipeline_step(pipe, p, g, s, hyper)

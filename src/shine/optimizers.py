@@ -35,7 +35,9 @@ def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
 
 
 def _adam_pipeline(group: dict[str, Any], **flags: Any) -> Pipeline:
-    return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"), ("beta1", "beta2", "eps", "step"),
+    return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"),
+                    ("beta1", "beta2", "eps", "bias_correction1", "bias_correction2_sqrt"),
+                    scalars=rules.adamw_bias_corrections,
                     cautious=group["cautious"], maximize=group["maximize"], **flags)
 
 

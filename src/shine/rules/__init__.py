@@ -12,7 +12,7 @@ a parameter group.
                 mars.py       adamw.py lion.py   caution.py  apply.py
                               came.py newton_schulz.py
 """
-from .adamw import adamw
+from .adamw import adamw, adamw_bias_corrections
 from .apply import apply_update
 from .came import came_factored, came_unfactored, factored_shapes
 from .caution import caution
@@ -21,6 +21,6 @@ from .mars import mars_correction, sign_momentum, orthogonal_momentum
 from .newton_schulz import newton_schulz5
 
 __all__ = [
-    "adamw", "apply_update", "came_factored", "came_unfactored", "factored_shapes", "caution",
+    "adamw", "adamw_bias_corrections", "apply_update", "came_factored", "came_unfactored", "factored_shapes", "caution",
     "lion", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
 ]
