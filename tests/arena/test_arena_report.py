@@ -43,6 +43,8 @@ def test_steps_to_reach_interpolates_between_evaluations():
     rows = {r["optimizer"]: r for r in report.summarize(RECORDS, ["adamw", "lion"])}
     assert rows["adamw"]["steps_to_baseline_loss"] == 20
     assert rows["lion"]["steps_to_baseline_loss"] is None  # 1.96 never reaches 1.9
+    without_baseline = report.summarize(RECORDS, ["lion"])
+    assert without_baseline[0]["steps_to_baseline_loss"] is None
 
 
 def test_plain_progress_lines_without_tqdm(monkeypatch, capsys):

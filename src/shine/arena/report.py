@@ -127,7 +127,7 @@ def summarize(records: Sequence[dict[str, Any]], names: Sequence[str], baseline:
     rows.sort(key=lambda row: row["val_loss_mean"])
     target = next((row["val_loss_mean"] for row in rows if row["optimizer"] == baseline), math.inf)
     for row in rows:
-        row["steps_to_baseline_loss"] = steps_to_reach(row["val_curve"], target)
+        row["steps_to_baseline_loss"] = steps_to_reach(row["val_curve"], target) if math.isfinite(target) else None
         row["delta_vs_best"] = row["val_loss_mean"] - rows[0]["val_loss_mean"]
         row["tie_with_best"] = row["delta_vs_best"] < 2 * max(row["val_loss_std"], rows[0]["val_loss_std"])
     return rows
