@@ -28,7 +28,9 @@ def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tupl
 
 
 def _rms(t):
-    return t.norm() / t.numel() ** 0.5
+    """``sqrt(mean(t^2))``; ``math.sqrt`` of the size is host arithmetic (a ``** 0.5`` of a
+    symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel)."""
+    return t.norm() / math.sqrt(t.numel())
 
 
 def _mean(t, dim, keepdim=False):
