@@ -107,23 +107,27 @@ def test_checkpoint_moves_between_paths(name, source, target):
                  f"{name}: {source} checkpoint continued on {target}")
 
 
+def _assert_falls_back(name, seed, expected_words):
+    """fused=True gives exactly one warning naming ``expected_words`` and the multi-tensor path's numbers."""
+    params0, grads = problem(torch.float32, seed=seed)
+    params = [p.clone().requires_grad_() for p in params0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = drive(build(name, params, "fused"), params, grads[:3])
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 1 and expected_words in messages[0], messages
+    params = [p.clone().requires_grad_() for p in params0]
+    expected = drive(build(name, params, "foreach"), params, grads[:3])
+    for a_t, e_t in zip(fused, expected):
+        for a, e in zip(a_t, e_t):
+            assert torch.equal(a, e)
+
+
 def test_fallback_without_compiler_warns_once(monkeypatch):
     """fused=True without a compiler: one warning, then the multi-tensor path's numbers."""
     monkeypatch.setattr(engine, "compiler_available", lambda device_type: False)
     monkeypatch.setattr(engine, "_WARNED", set())
-    params0, grads = problem(torch.float32, seed=2)
-    params = [p.clone().requires_grad_() for p in params0]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = drive(build("mars-adamw", params, "fused"), params, grads[:3])
-    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
-    assert len(messages) == 1, messages
-    assert "multi-tensor" in messages[0]
-    params = [p.clone().requires_grad_() for p in params0]
-    expected = drive(build("mars-adamw", params, "foreach"), params, grads[:3])
-    for a_t, e_t in zip(fused, expected):
-        for a, e in zip(a_t, e_t):
-            assert torch.equal(a, e)
+    _assert_falls_back("mars-adamw", 2, "multi-tensor")
 
 
 def test_fallback_when_compiling_fails(monkeypatch):
@@ -139,18 +143,7 @@ def test_fallback_when_compiling_fails(monkeypatch):
     monkeypatch.setattr(engine, "_WARNED", set())
     monkeypatch.setattr(engine, "_BROKEN", set())
     monkeypatch.setattr(engine, "_COMPILED_OK", set())
-    params0, grads = problem(torch.float32, seed=3)
-    params = [p.clone().requires_grad_() for p in params0]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = drive(build("c-adamw", params, "fused"), params, grads[:3])
-    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
-    assert len(messages) == 1 and "no C++ compiler" in messages[0], messages
-    params = [p.clone().requires_grad_() for p in params0]
-    expected = drive(build("c-adamw", params, "foreach"), params, grads[:3])
-    for a_t, e_t in zip(fused, expected):
-        for a, e in zip(a_t, e_t):
-            assert torch.equal(a, e)
+    _assert_falls_back("c-adamw", 3, "no C++ compiler")
 
 
 def test_auto_choice():
