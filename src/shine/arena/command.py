@@ -14,7 +14,7 @@ import torch
 
 import shine
 
-from . import report
+from . import parallel, report
 from .data import ByteCorpus, load_corpus
 from .model import MODEL_PRESETS, build_model
 from .runner import ARENA_OPTIMIZERS, DEFAULT_OPTIMIZERS, SWEEP_FACTORS, ArenaConfig, RunLog, Task, optimizer_hyper, set_threads, train_run
@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"try each optimizer at its lr times {', '.join(f'{f:.3g}' for f in SWEEP_FACTORS)}; keep the best, report all",
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when present; default)")
+    parser.add_argument("--nproc", type=_positive_int, default=1,
+                        help="train each run under FSDP2 on N processes (gloo on CPU, nccl on GPUs; default 1)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("arena_out"), help="output folder (default ./arena_out)")
     parser.add_argument("--resume", action="store_true", help="skip the runs already finished in DIR")
     parser.add_argument("--quick", action="store_true", help="a smoke test in well under 2 minutes: nano model, 60 steps, 1 seed")
@@ -120,6 +122,10 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
         raise ValueError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here")
+    if sizes["batch_size"] % args.nproc:
+        raise ValueError(f"--nproc {args.nproc}: the batch size {sizes['batch_size']} must divide by it")
+    if device.startswith("cuda") and args.nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) here")
     task = Task(
         data="default" if args.data is None else str(Path(args.data).resolve()),
         model=sizes["model"],
@@ -127,6 +133,7 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
         batch_size=sizes["batch_size"],
         seq_len=sizes["seq_len"],
         device=device,
+        nproc=args.nproc,
     )
     return ArenaConfig(task, lr_grids(names, given, args.sweep), sizes["seeds"], args.out, args.resume)
 
@@ -135,6 +142,9 @@ def train_all(corpus: ByteCorpus, task: Task, todo: list[tuple[str, float, int]]
     """Train and log each (optimizer, lr, seed) in `todo`; False if Ctrl-C stopped it first."""
     try:
         for i, (name, lr, seed) in enumerate(todo, 1):
+            if not parallel.is_main():  # other ranks of an --nproc run train silently
+                train_run(corpus, task, name, lr, seed)
+                continue
             progress = report.Progress(task.steps, f"[{i}/{len(todo)}] {name} lr={lr:.3g} seed={seed}")
             try:
                 log.add(train_run(corpus, task, name, lr, seed, progress.update))
@@ -159,7 +169,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"shine arena: error: {err}", file=sys.stderr)
         return 2
-    threads = set_threads()
+    rank, size = parallel.world()
+    if task.nproc > 1 and size == 1:  # the launcher: every process runs this function again
+        return parallel.launch(task.nproc, task.device, run, args)
+    threads = max(1, set_threads() // size)
+    torch.set_num_threads(threads)
+    if rank:  # other ranks of an --nproc run: train, then leave the reports to rank 0
+        train_all(corpus, task, [key for key in config.planned_runs() if not log.has(*key)], log)
+        return 0
     plan = config.planned_runs()
     todo = [key for key in plan if not log.has(*key)]
     n_params = sum(p.numel() for p in build_model(task.model, task.seq_len).parameters())

@@ -20,6 +20,7 @@ import torch
 
 import shine
 
+from . import parallel
 from .data import ByteCorpus
 from .model import build_model
 
@@ -54,6 +55,7 @@ class Task:
     batch_size: int
     seq_len: int
     device: str
+    nproc: int = 1  # processes training each run under FSDP2 (--nproc)
 
     @property
     def warmup_steps(self) -> int:
@@ -131,6 +133,7 @@ def train_run(
     """
     torch.manual_seed(seed)
     model = build_model(task.model, task.seq_len).to(task.device)
+    parallel.shard(model, model.blocks)
     hyper = optimizer_hyper(optimizer)
     opt = shine.create_optimizer(model, optimizer, lr=lr, **hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps, task.warmup_steps))
@@ -140,10 +143,10 @@ def train_run(
     val_curve: list[tuple[int, float]] = []
     train_time = 0.0
     for step in range(1, task.steps + 1):
-        x, y = (t.to(task.device) for t in next(batches))
+        x, y = (parallel.local_slice(t).to(task.device) for t in next(batches))
         start = time.perf_counter()
         loss = model.loss(x, y)
-        loss_value = loss.item()
+        loss_value = parallel.global_mean(loss)
         if not math.isfinite(loss_value):  # diverged: stop before a non-finite gradient reaches the optimizer
             break
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,30 @@
+"""`shine arena --nproc 2`: every run under FSDP2 on 2 gloo processes gives one process's losses."""
+
+import json
+
+import pytest
+
+from shine import cli
+
+RUN = ["--model", "nano", "--steps", "6", "--seq-len", "16", "--batch-size", "4", "--seeds", "1",
+       "--optimizers", "adamw", "came", "c-mars-adamw"]
+
+
+def _runs(out):
+    return {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+
+
+def test_nproc_matches_one_process(tmp_path):
+    assert cli.main(["arena", *RUN, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(["arena", *RUN, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = _runs(tmp_path / "one"), _runs(tmp_path / "two")
+    assert set(one) == set(two) == {"adamw", "came", "c-mars-adamw"}
+    for name in one:
+        assert two[name]["train_losses"] == pytest.approx(one[name]["train_losses"], rel=1e-5), name
+        assert two[name]["final_val_loss"] == pytest.approx(one[name]["final_val_loss"], rel=1e-5), name
+        assert two[name]["state_mb"] < one[name]["state_mb"]  # each rank holds a shard of the state
+
+
+def test_nproc_must_divide_the_batch(tmp_path, capsys):
+    assert cli.main(["arena", *RUN, "--batch-size", "5", "--nproc", "2", "--out", str(tmp_path)]) == 2
+    assert "must divide" in capsys.readouterr().err
