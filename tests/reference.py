@@ -97,6 +97,16 @@ def _rsqrt(x):
     return 1 / torch.sqrt(x)
 
 
+def _factored_ema(state, row_key, col_key, X, beta):
+    """Move the row and column EMAs state[row_key], state[col_key] towards X's row and column
+    means; return their rank-1 inverse root rsqrt(row / mean(row))[:, None] * rsqrt(col)[None, :]."""
+    row = state[row_key] = beta * state.get(row_key, torch.zeros(X.shape[:-1], dtype=X.dtype)) \
+        + (1 - beta) * X.mean(dim=-1)
+    col = state[col_key] = beta * state.get(col_key, torch.zeros(X.shape[:-2] + X.shape[-1:], dtype=X.dtype)) \
+        + (1 - beta) * X.mean(dim=-2)
+    return _rsqrt(row / row.mean(dim=-1, keepdim=True))[..., :, None] * _rsqrt(col)[..., None, :]
+
+
 def came_step(p, g, state, *, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
               clip_threshold=1.0, weight_decay=0.0, factor_conv="flatten", cautious=False):
     """CAME (§2). Tensors with >= 2 dims are factored over their last two dims; with
@@ -111,11 +121,7 @@ def came_step(p, g, state, *, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16)
     factored = g.ndim >= 2
     G = g * g + e1
     if factored:
-        r = state["r"] = b2 * state.get("r", torch.zeros(g.shape[:-1], dtype=g.dtype)) \
-            + (1 - b2) * G.mean(dim=-1)
-        c = state["c"] = b2 * state.get("c", torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=g.dtype)) \
-            + (1 - b2) * G.mean(dim=-2)
-        u = g * _rsqrt(r / r.mean(dim=-1, keepdim=True))[..., :, None] * _rsqrt(c)[..., None, :]
+        u = g * _factored_ema(state, "r", "c", G, b2)
     else:
         v = state["v"] = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * G
         u = g * _rsqrt(v)
@@ -124,11 +130,7 @@ def came_step(p, g, state, *, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16)
     m = state["m"] = b1 * state.get("m", torch.zeros_like(g)) + (1 - b1) * u
     if factored:
         U = (u - m) ** 2 + e2
-        R = state["R"] = b3 * state.get("R", torch.zeros(g.shape[:-1], dtype=g.dtype)) \
-            + (1 - b3) * U.mean(dim=-1)
-        C = state["C"] = b3 * state.get("C", torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=g.dtype)) \
-            + (1 - b3) * U.mean(dim=-2)
-        upd = m * _rsqrt(R / R.mean(dim=-1, keepdim=True))[..., :, None] * _rsqrt(C)[..., None, :]
+        upd = m * _factored_ema(state, "R", "C", U, b3)
     else:
         upd = m.clone()
     upd = upd.reshape(p.shape)
