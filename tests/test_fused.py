@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import shine
-from shine import engine
+from shine import engine, validation
 
 # 0-d, 1-d, 2-d wide and tall, 4-d conv kernel.
 SHAPES = [(), (5,), (3, 7), (7, 3), (2, 3, 3, 3)]
@@ -126,7 +126,7 @@ def _assert_falls_back(name, seed, expected_words):
 def test_fallback_without_compiler_warns_once(monkeypatch):
     """fused=True without a compiler: one warning, then the multi-tensor path's numbers."""
     monkeypatch.setattr(engine, "compiler_available", lambda device_type: False)
-    monkeypatch.setattr(engine, "_WARNED", set())
+    monkeypatch.setattr(validation, "_WARNED", set())
     _assert_falls_back("mars-adamw", 2, "multi-tensor")
 
 
@@ -140,7 +140,7 @@ def test_fallback_when_compiling_fails(monkeypatch):
 
     monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
     monkeypatch.setattr(engine, "_compiled", broken)
-    monkeypatch.setattr(engine, "_WARNED", set())
+    monkeypatch.setattr(validation, "_WARNED", set())
     monkeypatch.setattr(engine, "_BROKEN", set())
     monkeypatch.setattr(engine, "_COMPILED_OK", set())
     _assert_falls_back("c-adamw", 3, "no C++ compiler")

@@ -26,11 +26,12 @@ Without torch.distributed every helper is the single-process identity.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .validation import warn_once
 
 try:  # torch.distributed is optional (some builds ship without it)
     from torch.distributed.tensor import DTensor, Replicate
@@ -148,9 +149,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-_WARNED: set[str] = set()
-
-
 def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor], grads: list[Tensor],
              states: list[dict[str, Any]]) -> tuple[str, list[Tensor], list[Tensor], list[dict[str, Any]]]:
     """The execution path and tensors for a bucket of DTensor parameters (plain buckets unchanged).
@@ -177,8 +175,6 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
             what = ("cautious " if pipe.cautious else "") + ("MARS-corrected " if pipe.correction else "")
             message = (f"shine: fused=True is not available for {what}{pipe.precondition.__name__} on DTensor "
                        "parameters (whole-tensor reductions over shards); using the multi-tensor path")
-            if message not in _WARNED:
-                _WARNED.add(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn_once(message)
         path = "foreach"
     return path, params, grads, states

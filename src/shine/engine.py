@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import math
 import types
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from . import rules
 from .tensorlist import TensorList, per_tensor
+from .validation import warn_once
 
 PATHS = ("per_tensor", "foreach", "fused")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -147,22 +147,13 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
     if fused:
         if compiler_available(device.type):
             return "fused"
-        _warn_once(f"shine: fused=True but torch.compile does not work on {device.type} "
+        warn_once(f"shine: fused=True but torch.compile does not work on {device.type} "
                    f"({_COMPILER_ERRORS.get(device.type, 'unknown error')}); using the multi-tensor path")
     elif fused is None and foreach is not False:
         threshold = AUTO_FUSE_MIN_NUMEL.get(device.type)
         if threshold is not None and numel >= threshold and compiler_available(device.type):
             return "fused"
     return "per_tensor" if foreach is False else "foreach"
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _state_names(pipe: Pipeline) -> tuple[str, ...]:
@@ -207,7 +198,7 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
             if key in _COMPILED_OK:
                 raise
             _BROKEN.add(pipe)
-            _warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
+            warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
                        f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
             return run_bucket("foreach", pipe, params[i:], grads[i:], states[i:], hyper)
         _COMPILED_OK.add(key)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -52,3 +53,13 @@ def check_grad(g: torch.Tensor, optimizer: str) -> None:
                            "or a dense embedding (sparse=False)")
     if g.is_complex():
         raise RuntimeError(f"{optimizer} does not support complex gradients (got {g.dtype})")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    """A ``RuntimeWarning`` shown once per process for each distinct message (fallbacks, not errors)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
