@@ -206,13 +206,22 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
 
 _COMPILED_OK: set[tuple] = set()
 
+#: Inductor settings for the fused step: recompute element-wise values in every pass that reads
+#: them instead of storing them. A step is memory-bound, and a stored intermediate (the cautious
+#: direction, CAME's clipped update) is a fresh full-size buffer: allocated, written and read
+#: again each step, which made C-AdamW 4x and CAME 8x the time of fused AdamW. Inductor's default
+#: stores any value read by several loops once its expression reads more than 4 buffers, and the
+#: 0-d hyperparameter tensors alone exceed that. Small values that every element needs are
+#: computed once by the rules themselves (:func:`shine.rules.hoist.hoist`).
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 1000}
+
 
 @functools.cache
 def _compiled(key: tuple) -> Callable:
     """The compiled ``pipeline_step`` for one (pipeline, rank, dtypes) key. Dynamo keeps one cache
     (and recompile limit) per code object, so each key gets its own copy of the code."""
     step = types.FunctionType(pipeline_step.__code__.replace(), pipeline_step.__globals__, "_fused_step")
-    return torch.compile(step, dynamic=True)
+    return torch.compile(step, dynamic=True, options=INDUCTOR_OPTIONS)
 
 
 _COMPILER_ERRORS: dict[str, str] = {}

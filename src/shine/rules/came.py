@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..distributed import placed_like
+from .hoist import hoist
 from ..tensorlist import per_tensor
 
 
@@ -45,7 +46,7 @@ def _mean(t, dim, keepdim=False):
 
 def _factored_rsqrt(row, col):
     """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
-    return (row / _mean(row, -1, keepdim=True)).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+    return hoist((row / _mean(row, -1, keepdim=True)).rsqrt()).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
 
 
 @per_tensor
@@ -59,7 +60,7 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
     exp_avg_sq_col.lerp_(_mean(sq, -2), 1 - beta2)
     u = placed_like(x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col), m)  # identity unless DTensor
-    u = u / (_rms(u) / clip_threshold).clamp_min(1.0)
+    u = u / hoist((_rms(u) / clip_threshold).clamp_min(1.0))
     m.lerp_(u, 1 - beta1)
     res = (u - m) ** 2 + eps2
     exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
@@ -75,7 +76,7 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     """
     exp_avg_sq.lerp_(x * x + eps1, 1 - beta2)
     u = x * exp_avg_sq.rsqrt()
-    u = u / (_rms_each(u) / clip_threshold).clamp_min(1.0)
+    u = u / hoist((_rms_each(u) / clip_threshold).clamp_min(1.0))
     exp_avg.lerp_(u, 1 - beta1)
     return exp_avg
 

@@ -4,6 +4,7 @@ The correction turns the gradient into ``c``; the preconditioners that follow it
 are Adam's (:func:`shine.rules.adamw`), the sign of the momentum (MARS-Lion) and
 the orthogonalised momentum (MARS-Shampoo).
 """
+from .hoist import hoist
 from .newton_schulz import newton_schulz5
 from ..distributed import whole_tensor
 from ..tensorlist import per_tensor
@@ -17,7 +18,7 @@ def mars_correction(g, prev_grad, *, gamma, beta1):
     whole-tensor reduction, so a sharded DTensor gets the global norm.
     """
     c = g + (g - prev_grad) * (gamma * beta1 / (1 - beta1))
-    return c / c.norm().clamp_min(1.0)
+    return c / hoist(c.norm().clamp_min(1.0))
 
 
 def sign_momentum(x, exp_avg, *, beta1):
