@@ -133,7 +133,7 @@ def test_fallback_without_compiler_warns_once(monkeypatch):
 def test_fallback_when_compiling_fails(monkeypatch):
     """A compiler that works for the probe but fails on a pipeline: one warning, that pipeline
     runs on the multi-tensor path, and no tensor is stepped twice or skipped."""
-    def broken(key):
+    def broken(fn, key):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
         return fail
@@ -177,3 +177,23 @@ def test_finite_check_exact_despite_overflow():
     p.grad = torch.tensor([0.0, float("inf"), 0.0, 0.0])
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step()
+
+
+@needs_compiler
+def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch):
+    """C-AdamW's kept fraction comes from the compiled read-only pre-pass; C-CAME (no cheap sign)
+    counts inside its step."""
+    requested = []
+    compiled = engine._compiled
+
+    def spy(fn, key):
+        requested.append((fn.__name__, key[0].precondition.__name__))
+        return compiled(fn, key)
+
+    monkeypatch.setattr(engine, "_compiled", spy)
+    for name in ("c-adamw", "c-came"):
+        params, grads = problem(torch.float32, steps=1)
+        drive(build(name, params, "fused"), params, grads)
+    assert ("pipeline_kept_fraction", "adamw") in requested
+    assert ("pipeline_step", "adamw") in requested
+    assert not any(fn == "pipeline_kept_fraction" and rule.startswith("came") for fn, rule in requested)

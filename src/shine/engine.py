@@ -43,6 +43,10 @@ class Pipeline:
     ``prev_grad`` (a copy, never an alias). ``cautious`` masks the direction.
     ``scalars`` derives further hyperparameters from the others (e.g. bias
     corrections from the step count), once per step, in Python floats.
+    ``direction_sign(x, exp_avg, beta1=)`` returns, without writing anything, a
+    tensor with the sign of the direction ``precondition`` will return; with it
+    the fused path counts caution's kept fraction in a read-only pre-pass
+    (:func:`pipeline_kept_fraction`), so the step itself is one element-wise pass.
     """
 
     precondition: Callable
@@ -53,9 +57,10 @@ class Pipeline:
     cautious: bool = False
     maximize: bool = False
     scalars: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    direction_sign: Callable | None = None
 
 
-def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any]) -> None:
+def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any], kept=None) -> None:
     """Advance ``p`` (a tensor or TensorList) by one step of ``pipe``; updates ``state`` in place.
 
     Low-precision parameters are updated through an fp32 copy (their state is fp32
@@ -63,30 +68,49 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     state tensors of the preconditioner are also worked on in fp32 and written back
     once; ``hyper["stochastic_rounding"]`` (default False) rounds those write-backs
     (parameter and state) stochastically instead of to nearest. ``prev_grad`` is a
-    plain copy and is always rounded to nearest.
+    plain copy and is always rounded to nearest. ``kept`` is caution's kept fraction
+    from :func:`pipeline_kept_fraction`, when the caller computed it beforehand.
     """
     upcast = _dtype_of(p) in LOW_PRECISION
     work = p.float() if upcast else p
-    g = g.float() if upcast else g
-    low = [name for name in pipe.state if _dtype_of(state[name]) in LOW_PRECISION]
-    if low:
-        stored, state = state, {**state, **{name: state[name].float() for name in low}}
-    if pipe.maximize:
-        g = -g
-    x = g
-    if pipe.correction:
-        x = rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
-        if pipe.approx:
-            state["prev_grad"].copy_(g)
+    stored, (g, state, low) = state, _working_copies(pipe, g, state, upcast)
+    x = _estimate(pipe, g, state, hyper)
+    if pipe.correction and pipe.approx:
+        state["prev_grad"].copy_(g)
     u = pipe.precondition(x, *(state[name] for name in pipe.state), **{k: hyper[k] for k in pipe.hyper})
     if pipe.cautious:
-        u = rules.caution(u, g)
+        u = rules.caution(u, g, kept)
     rules.apply_update(work, u, lr=hyper["lr"], decay=hyper["decay"])
     stochastic = hyper.get("stochastic_rounding", False)
     if upcast:
         _write_back(p, work, stochastic)
     for name in low:
         _write_back(stored[name], state[name], stochastic)
+
+
+def pipeline_kept_fraction(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], upcast: bool):
+    """Caution's kept fraction for the coming step of ``pipe``, from the sign of its direction
+    (``pipe.direction_sign``), reading ``g`` and the state without writing them."""
+    g, state, _ = _working_copies(pipe, g, state, upcast)
+    x = _estimate(pipe, g, state, hyper)
+    return rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
+
+
+def _working_copies(pipe: Pipeline, g, state: dict[str, Any], upcast: bool):
+    """The gradient (fp32 for low-precision parameters, negated for ``maximize``), the state with
+    the preconditioner's low-precision tensors as fp32 copies, and the names of those."""
+    g = g.float() if upcast else g
+    if pipe.maximize:
+        g = -g
+    low = [name for name in pipe.state if _dtype_of(state[name]) in LOW_PRECISION]
+    return g, ({**state, **{name: state[name].float() for name in low}} if low else state), low
+
+
+def _estimate(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any]):
+    """The gradient estimate the preconditioner takes: MARS's corrected gradient, or ``g``."""
+    if pipe.correction:
+        return rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
+    return g
 
 
 def _write_back(dst, src, stochastic: bool) -> None:
@@ -170,7 +194,8 @@ _BROKEN: set[Pipeline] = set()
 
 
 def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
-    """One compiled call per tensor. The compiled function is ``pipeline_step`` itself, traced
+    """One compiled call per tensor (two for caution with a ``direction_sign``: the kept fraction
+    first, so that the step is one element-wise pass). The compiled function is ``pipeline_step`` itself, traced
     with dynamic shapes, so one graph per (pipeline, dtypes, rank) serves every tensor size; the
     float hyperparameters (lr, betas, step, ...) are 0-d tensors, so a scheduler changing lr or
     the step count never recompiles. Single-element tensors run ``pipeline_step`` eagerly (the
@@ -193,7 +218,10 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
             p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
         key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
         try:
-            _compiled(key)(pipe, p, g, state, tensor_hyper)
+            kept = None
+            if pipe.cautious and pipe.direction_sign is not None:
+                kept = _compiled(pipeline_kept_fraction, key)(pipe, g, state, tensor_hyper, p.dtype in LOW_PRECISION)
+            _compiled(pipeline_step, key)(pipe, p, g, state, tensor_hyper, kept)
         except Exception as err:  # compiling failed (before any tensor of this call was touched)
             if key in _COMPILED_OK:
                 raise
@@ -217,11 +245,12 @@ INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold"
 
 
 @functools.cache
-def _compiled(key: tuple) -> Callable:
-    """The compiled ``pipeline_step`` for one (pipeline, rank, dtypes) key. Dynamo keeps one cache
-    (and recompile limit) per code object, so each key gets its own copy of the code."""
-    step = types.FunctionType(pipeline_step.__code__.replace(), pipeline_step.__globals__, "_fused_step")
-    return torch.compile(step, dynamic=True, options=INDUCTOR_OPTIONS)
+def _compiled(fn: Callable, key: tuple) -> Callable:
+    """The compiled ``fn`` (``pipeline_step`` or ``pipeline_kept_fraction``) for one (pipeline, rank,
+    dtypes) key. Dynamo keeps one cache (and recompile limit) per code object, so each key gets its
+    own copy of the code."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"_fused_{fn.__name__}")
+    return torch.compile(copy, dynamic=True, options=INDUCTOR_OPTIONS)
 
 
 _COMPILER_ERRORS: dict[str, str] = {}

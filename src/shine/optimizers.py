@@ -37,7 +37,7 @@ def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
 def _adam_pipeline(group: dict[str, Any], **flags: Any) -> Pipeline:
     return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"),
                     ("beta1", "beta2", "eps", "bias_correction1", "bias_correction2_sqrt"),
-                    scalars=rules.adamw_bias_corrections,
+                    scalars=rules.adamw_bias_corrections, direction_sign=rules.next_momentum,
                     cautious=group["cautious"], maximize=group["maximize"], **flags)
 
 
@@ -112,7 +112,7 @@ class Lion(ShineOptimizer):
 
     def _pipeline(self, group, route):
         beta1, beta2 = group["betas"]
-        pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"),
+        pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"), direction_sign=rules.next_momentum,
                         cautious=group["cautious"], maximize=group["maximize"])
         return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]),
                           beta1=beta1, beta2=beta2)
@@ -222,7 +222,7 @@ class MARS(ShineOptimizer):
         if route == "mars_adamw":
             pipe = _adam_pipeline(group, correction=True, approx=group["approx"])
         elif route == "mars_lion":
-            pipe = Pipeline(rules.sign_momentum, ("exp_avg",), ("beta1",), **flags)
+            pipe = Pipeline(rules.sign_momentum, ("exp_avg",), ("beta1",), direction_sign=rules.next_momentum, **flags)
         else:
             pipe = Pipeline(rules.orthogonal_momentum, ("exp_avg",), ("beta1", "ns_steps", "ns_dtype"), **flags)
         return pipe, dict(lr=lr, decay=decay_factor(lr, group["weight_decay"]), beta1=beta1, beta2=beta2,

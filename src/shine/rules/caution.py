@@ -4,15 +4,36 @@ import torch
 from .hoist import hoist
 
 
-def caution(u, g):
+def caution(u, g, kept=None):
     """Zero ``u`` where ``u * g <= 0``; rescale by ``1 / max(mean(mask), 1e-3)``.
 
     The mean is over the whole tensor (a global reduction for DTensors), as in
     the official code and timm. Other libraries divide by ``numel/(kept+1)``,
-    which differs on small tensors. Returns a new tensor: the caller's momentum
-    state is never masked.
+    which differs on small tensors. ``kept`` is that floored mean when it was
+    already computed (:func:`kept_fraction` of a tensor with the sign of ``u``).
+    Returns a new tensor: the caller's momentum state is never masked.
     """
     mask = (u * g > 0).to(torch.float32)
+    return u * mask / (_floored_mean(mask) if kept is None else kept)
+
+
+def kept_fraction(direction, g):
+    """``max(mean(direction * g > 0), 1e-3)``: what :func:`caution` divides by, for any
+    ``direction`` with the sign of the update (see :func:`next_momentum`)."""
+    return _floored_mean((direction * g > 0).to(torch.float32))
+
+
+def next_momentum(x, exp_avg, *, beta1):
+    """``m + (1 - beta1) (x - m)``, without writing ``m``.
+
+    AdamW's direction is this divided by positive numbers, and Lion's and
+    MARS-Lion's is its sign, so caution's kept fraction can be counted from it
+    (and the gradient) in a read-only pass before the step.
+    """
+    return exp_avg.lerp(x, 1 - beta1)
+
+
+def _floored_mean(mask):
     # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
     # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
-    return u * mask / hoist((mask.sum() / mask.numel()).clamp_min(1e-3))
+    return hoist((mask.sum() / mask.numel()).clamp_min(1e-3))
