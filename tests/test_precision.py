@@ -7,22 +7,30 @@ from shine import engine
 from shine.bench import gpt2_shapes
 
 
-def test_stochastic_round_is_unbiased_and_lands_on_neighbours():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stochastic_round_is_unbiased_and_lands_on_neighbours(compiled):
+    """Both noise sources: torch.randint_like (eager) and the index hash (under torch.compile)."""
+    if compiled and not engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    stochastic_round = torch.compile(engine.stochastic_round, dynamic=True) if compiled else engine.stochastic_round
     torch.manual_seed(0)
     lo = torch.tensor(1.0, dtype=torch.bfloat16)
     spacing = 2.0 ** -7  # bf16 spacing in [1, 2)
     hi = torch.tensor(1.0 + spacing, dtype=torch.bfloat16)
     x = torch.full((200_000,), 1.0 + 0.3 * spacing)
-    r = engine.stochastic_round(x)
+    r = stochastic_round(x)
     assert r.dtype == torch.bfloat16
     assert bool(((r == lo) | (r == hi)).all())
     assert abs(r.double().mean().item() - x[0].item()) < 0.01 * spacing
     assert abs((r == hi).double().mean().item() - 0.3) < 0.01
     exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 2.0 ** 127, float("inf"), float("-inf")])
-    assert torch.equal(engine.stochastic_round(exact), exact.bfloat16())
-    assert torch.isnan(engine.stochastic_round(torch.tensor([float("nan")]))).all()
-    neg = engine.stochastic_round(-x)  # symmetric: rounds the magnitude
+    assert torch.equal(stochastic_round(exact), exact.bfloat16())
+    assert torch.isnan(stochastic_round(torch.tensor([float("nan")]))).all()
+    neg = stochastic_round(-x)  # symmetric: rounds the magnitude
     assert abs(neg.double().mean().item() + x[0].item()) < 0.01 * spacing
+    # each element, over calls (fresh noise per call): rounded up 30% of the time, within 4 sd
+    ups = torch.stack([stochastic_round(x[:8]) == hi for _ in range(400)]).double().mean(0)
+    assert bool(((ups - 0.3).abs() < 4 * (0.21 / 400) ** 0.5).all()), ups
 
 
 def test_bf16_state_dtypes_and_memory():

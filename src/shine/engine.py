@@ -125,9 +125,23 @@ def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     expectation. Adds 16 random bits below the bf16 mantissa and truncates; inf stays inf.
     """
     bits = x.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    rounded = ((bits + noise) & -65536).view(torch.float32)
+    rounded = ((bits + _random_bits16(bits)) & -65536).view(torch.float32)
     return torch.where(x.isnan(), x, rounded).to(dtype)
+
+
+def _random_bits16(like: Tensor) -> Tensor:
+    """Uniform random integers in [0, 2**16), one per element of ``like`` (int32).
+
+    Eager: ``torch.randint_like``. Compiled: a multiplicative hash of (element index + a random
+    per-call offset), which inductor fuses into the kernel; its CPU random-number kernels made
+    a rounded write-back 5x slower. Each element's bits are uniform over the offset's draw, so
+    the rounding stays unbiased.
+    """
+    if not torch.compiler.is_compiling():
+        return torch.randint_like(like, 0, 1 << 16)
+    offset = torch.randint(0, 1 << 31, (), device=like.device)
+    index = torch.arange(like.numel(), device=like.device).view(like.shape)
+    return ((((index + offset) * 0x9E3779B1) & 0xFFFFFFFF) >> 16).to(torch.int32)
 
 
 def _dtype_of(p) -> torch.dtype:
