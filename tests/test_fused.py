@@ -165,7 +165,7 @@ def test_auto_choice():
 
 
 def test_finite_check_exact_despite_overflow():
-    """The fast 2-norm screen overflows for huge finite gradients; the exact check then decides."""
+    """The fast screen (a sum) overflows for huge finite gradients; the exact check then decides."""
     big = torch.full((4,), 3e38)
     assert engine.grads_finite([big, torch.ones(3)])
     assert not engine.grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])

@@ -285,16 +285,18 @@ def compiler_available(device_type: str) -> bool:
 def grads_finite(grads: list[Tensor]) -> bool:
     """Whether every element of every gradient is finite, with one host synchronisation per device.
 
-    A 2-norm is non-finite whenever an element is, and ``torch._foreach_norm(.., 2)`` reads
-    the gradients at close to memory bandwidth (the inf-norm kernel is about 15x slower on
-    CPU). A non-finite 2-norm can also come from overflow of finite values, so that rare case
-    is settled by the exact (inf-norm) check.
+    A sum is non-finite whenever an element is; it is the cheapest reduction that reads the
+    gradients once (on CPU, per-tensor sums beat ``torch._foreach_norm`` by about 25%; on other
+    devices one multi-tensor norm kernel saves a launch per tensor). A non-finite sum or norm can
+    also come from overflow of finite values, so that rare case is settled by the exact
+    (inf-norm) check.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
-    for gs in by_device.values():
-        if not bool(torch.stack(torch._foreach_norm(gs, 2)).isfinite().all()):
+    for device, gs in by_device.items():
+        totals = [g.sum() for g in gs] if device.type == "cpu" else torch._foreach_norm(gs, 2)
+        if not bool(torch.stack(totals).isfinite().all()):
             if not bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()):
                 return False
     return True
