@@ -48,6 +48,7 @@ def test_hoist_is_the_identity_outside_the_compiler():
 
 
 def test_hoist_under_compile_gives_the_same_numbers():
-    x = torch.randn(6, 5)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     f = lambda t: t * hoist(t.norm().clamp_min(1.0).reciprocal())  # noqa: E731
-    torch.testing.assert_close(torch.compile(f, dynamic=True)(x), f(x), rtol=0, atol=0)
+    # the compiled norm may sum in another order: equal to a few ulps
+    torch.testing.assert_close(torch.compile(f, dynamic=True)(x), f(x), rtol=1e-6, atol=0)
