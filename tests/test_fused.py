@@ -181,19 +181,20 @@ def test_finite_check_exact_despite_overflow():
 
 @needs_compiler
 def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch):
-    """C-AdamW's kept fraction comes from the compiled read-only pre-pass; C-CAME (no cheap sign)
-    counts inside its step."""
+    """C-AdamW's and C-MARS-AdamW's kept fraction (and MARS's clip) come from the compiled
+    read-only pre-pass; C-CAME (no cheap sign) counts inside its step."""
     requested = []
     compiled = engine._compiled
 
     def spy(fn, key):
-        requested.append((fn.__name__, key[0].precondition.__name__))
+        requested.append((fn.__name__, key[0].precondition.__name__, key[0].correction))
         return compiled(fn, key)
 
     monkeypatch.setattr(engine, "_compiled", spy)
-    for name in ("c-adamw", "c-came"):
+    for name in ("c-adamw", "c-mars-adamw", "c-came"):
         params, grads = problem(torch.float32, steps=1)
         drive(build(name, params, "fused"), params, grads)
-    assert ("pipeline_kept_fraction", "adamw") in requested
-    assert ("pipeline_step", "adamw") in requested
-    assert not any(fn == "pipeline_kept_fraction" and rule.startswith("came") for fn, rule in requested)
+    assert ("pipeline_prepass", "adamw", False) in requested
+    assert ("pipeline_prepass", "adamw", True) in requested
+    assert ("pipeline_step", "adamw", True) in requested
+    assert not any(fn == "pipeline_prepass" and rule.startswith("came") for fn, rule, _ in requested)

@@ -46,7 +46,7 @@ class Pipeline:
     ``direction_sign(x, exp_avg, beta1=)`` returns, without writing anything, a
     tensor with the sign of the direction ``precondition`` will return; with it
     the fused path counts caution's kept fraction in a read-only pre-pass
-    (:func:`pipeline_kept_fraction`), so the step itself is one element-wise pass.
+    (:func:`pipeline_prepass`), so the step itself is one element-wise pass.
     """
 
     precondition: Callable
@@ -60,7 +60,8 @@ class Pipeline:
     direction_sign: Callable | None = None
 
 
-def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any], kept=None) -> None:
+def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any],
+                  prepared: dict[str, Any] | None = None) -> None:
     """Advance ``p`` (a tensor or TensorList) by one step of ``pipe``; updates ``state`` in place.
 
     Low-precision parameters are updated through an fp32 copy (their state is fp32
@@ -68,18 +69,19 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     state tensors of the preconditioner are also worked on in fp32 and written back
     once; ``hyper["stochastic_rounding"]`` (default False) rounds those write-backs
     (parameter and state) stochastically instead of to nearest. ``prev_grad`` is a
-    plain copy and is always rounded to nearest. ``kept`` is caution's kept fraction
-    from :func:`pipeline_kept_fraction`, when the caller computed it beforehand.
+    plain copy and is always rounded to nearest. ``prepared`` holds what
+    :func:`pipeline_prepass` computed beforehand (the step then does not recompute it).
     """
+    prepared = prepared or {}
     upcast = _dtype_of(p) in LOW_PRECISION
     work = p.float() if upcast else p
     stored, (g, state, low) = state, _working_copies(pipe, g, state, upcast)
-    x = _estimate(pipe, g, state, hyper)
+    x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
     if pipe.correction and pipe.approx:
         state["prev_grad"].copy_(g)
     u = pipe.precondition(x, *(state[name] for name in pipe.state), **{k: hyper[k] for k in pipe.hyper})
     if pipe.cautious:
-        u = rules.caution(u, g, kept)
+        u = rules.caution(u, g, prepared.get("kept"))
     rules.apply_update(work, u, lr=hyper["lr"], decay=hyper["decay"])
     stochastic = hyper.get("stochastic_rounding", False)
     if upcast:
@@ -88,12 +90,18 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
         _write_back(stored[name], state[name], stochastic)
 
 
-def pipeline_kept_fraction(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], upcast: bool):
-    """Caution's kept fraction for the coming step of ``pipe``, from the sign of its direction
-    (``pipe.direction_sign``), reading ``g`` and the state without writing them."""
+def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any],
+                     upcast: bool) -> dict[str, Any]:
+    """The whole-tensor quantities the coming step of a cautious ``pipe`` with a ``direction_sign``
+    needs before its element-wise pass, read from ``g`` and the state without writing them:
+    caution's kept fraction (``"kept"``) and, with the MARS correction, its clip (``"clip"``)."""
     g, state, _ = _working_copies(pipe, g, state, upcast)
-    x = _estimate(pipe, g, state, hyper)
-    return rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
+    prepared = {}
+    if pipe.correction:
+        prepared["clip"] = rules.mars_clip(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
+    x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
+    prepared["kept"] = rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
+    return prepared
 
 
 def _working_copies(pipe: Pipeline, g, state: dict[str, Any], upcast: bool):
@@ -106,10 +114,10 @@ def _working_copies(pipe: Pipeline, g, state: dict[str, Any], upcast: bool):
     return g, ({**state, **{name: state[name].float() for name in low}} if low else state), low
 
 
-def _estimate(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any]):
+def _estimate(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], clip=None):
     """The gradient estimate the preconditioner takes: MARS's corrected gradient, or ``g``."""
     if pipe.correction:
-        return rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
+        return rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"], clip=clip)
     return g
 
 
@@ -208,8 +216,8 @@ _BROKEN: set[Pipeline] = set()
 
 
 def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
-    """One compiled call per tensor (two for caution with a ``direction_sign``: the kept fraction
-    first, so that the step is one element-wise pass). The compiled function is ``pipeline_step`` itself, traced
+    """One compiled call per tensor (two for caution with a ``direction_sign``: the whole-tensor
+    quantities first, so that the step is one element-wise pass). The compiled function is ``pipeline_step`` itself, traced
     with dynamic shapes, so one graph per (pipeline, dtypes, rank) serves every tensor size; the
     float hyperparameters (lr, betas, step, ...) are 0-d tensors, so a scheduler changing lr or
     the step count never recompiles. Single-element tensors run ``pipeline_step`` eagerly (the
@@ -232,10 +240,10 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
             p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
         key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
         try:
-            kept = None
+            prepared = None
             if pipe.cautious and pipe.direction_sign is not None:
-                kept = _compiled(pipeline_kept_fraction, key)(pipe, g, state, tensor_hyper, p.dtype in LOW_PRECISION)
-            _compiled(pipeline_step, key)(pipe, p, g, state, tensor_hyper, kept)
+                prepared = _compiled(pipeline_prepass, key)(pipe, g, state, tensor_hyper, p.dtype in LOW_PRECISION)
+            _compiled(pipeline_step, key)(pipe, p, g, state, tensor_hyper, prepared)
         except Exception as err:  # compiling failed (before any tensor of this call was touched)
             if key in _COMPILED_OK:
                 raise
@@ -260,7 +268,7 @@ INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold"
 
 @functools.cache
 def _compiled(fn: Callable, key: tuple) -> Callable:
-    """The compiled ``fn`` (``pipeline_step`` or ``pipeline_kept_fraction``) for one (pipeline, rank,
+    """The compiled ``fn`` (``pipeline_step`` or ``pipeline_prepass``) for one (pipeline, rank,
     dtypes) key. Dynamo keeps one cache (and recompile limit) per code object, so each key gets its
     own copy of the code."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"_fused_{fn.__name__}")

@@ -137,3 +137,17 @@ def test_approx_differs_from_adamw_on_2d(foreach):
     for i, shape in enumerate(SHAPES):
         diff = (torch.stack(actual[i]) - torch.stack(adamw[i])).abs().max().item()
         assert diff > 1e-3 if len(shape) == 2 else diff < 1e-6, (shape, diff)
+
+
+def test_precomputed_clip_gives_the_same_correction():
+    """The fused pre-pass computes ``mars_clip`` once and hands it to ``mars_correction``;
+    both the clipped (norm > 1) and the unclipped case give the numbers of the one-call form."""
+    from shine import rules
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-3):  # norm of c well above 1, then well below
+        g, prev = scale * torch.randn(40, 30, generator=gen), scale * torch.randn(40, 30, generator=gen)
+        hp = dict(gamma=0.025, beta1=0.95)
+        clip = rules.mars_clip(g, prev, **hp)
+        assert (clip.item() > 1.0) == (scale == 1.0)
+        assert torch.equal(rules.mars_correction(g, prev, **hp, clip=clip), rules.mars_correction(g, prev, **hp))

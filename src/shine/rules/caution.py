@@ -19,18 +19,8 @@ def caution(u, g, kept=None):
 
 def kept_fraction(direction, g):
     """``max(mean(direction * g > 0), 1e-3)``: what :func:`caution` divides by, for any
-    ``direction`` with the sign of the update (see :func:`next_momentum`)."""
+    ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`)."""
     return _floored_mean((direction * g > 0).to(torch.float32))
-
-
-def next_momentum(x, exp_avg, *, beta1):
-    """``m + (1 - beta1) (x - m)``, without writing ``m``.
-
-    AdamW's direction is this divided by positive numbers, and Lion's and
-    MARS-Lion's is its sign, so caution's kept fraction can be counted from it
-    (and the gradient) in a read-only pass before the step.
-    """
-    return exp_avg.lerp(x, 1 - beta1)
 
 
 def _floored_mean(mask):

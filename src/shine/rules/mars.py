@@ -10,15 +10,29 @@ from ..distributed import whole_tensor
 from ..tensorlist import per_tensor
 
 
-def mars_correction(g, prev_grad, *, gamma, beta1):
+def mars_correction(g, prev_grad, *, gamma, beta1, clip=None):
     """Return ``c = g + gamma*beta1/(1-beta1)*(g - g_prev)``, clipped to Euclidean norm <= 1.
 
     The clip is written as ``c / max(||c||, 1)``: the same numbers as the
     paper's if-branch without a host synchronisation per tensor. The norm is a
-    whole-tensor reduction, so a sharded DTensor gets the global norm.
+    whole-tensor reduction, so a sharded DTensor gets the global norm. ``clip``
+    is ``max(||c||, 1)`` when already computed (:func:`mars_clip`).
     """
-    c = g + (g - prev_grad) * (gamma * beta1 / (1 - beta1))
-    return c / hoist(c.norm().clamp_min(1.0))
+    c = _uncorrected(g, prev_grad, gamma, beta1)
+    return c / (_clip_of(c) if clip is None else clip)
+
+
+def mars_clip(g, prev_grad, *, gamma, beta1):
+    """``max(||c||, 1)``, the denominator :func:`mars_correction` divides ``c`` by."""
+    return _clip_of(_uncorrected(g, prev_grad, gamma, beta1))
+
+
+def _uncorrected(g, prev_grad, gamma, beta1):
+    return g + (g - prev_grad) * (gamma * beta1 / (1 - beta1))
+
+
+def _clip_of(c):
+    return hoist(c.norm().clamp_min(1.0))
 
 
 def sign_momentum(x, exp_avg, *, beta1):
