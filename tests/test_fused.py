@@ -198,3 +198,21 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
     assert ("pipeline_prepass", "adamw", True) in requested
     assert ("pipeline_step", "adamw", True) in requested
     assert not any(fn == "pipeline_prepass" and rule.startswith("came") for fn, rule, _ in requested)
+
+
+@needs_compiler
+def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
+    """One graph serves every tensor size, so whether its loop runs on all threads must not depend
+    on the size of the tensor that triggered the compile (a bias would make it serial)."""
+    from torch._inductor.utils import run_and_get_code
+
+    opt = shine.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    pipe, hyper = opt._pipeline(opt.param_groups[0], "adamw")
+    hyper = {**hyper, "step": 1.0, **pipe.scalars({**hyper, "step": 1.0})}
+    hyper = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v for k, v in hyper.items()}
+    p, g = torch.randn(8), torch.randn(8)
+    state = {"exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8)}
+    step = engine._compiled.__wrapped__(engine.pipeline_step, (pipe, "parallel-test"))  # a fresh compile
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(step, pipe, p, g, state, hyper, None)
+    assert "#pragma omp parallel" in "\n".join(code)

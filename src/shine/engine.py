@@ -256,14 +256,21 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
 
 _COMPILED_OK: set[tuple] = set()
 
-#: Inductor settings for the fused step: recompute element-wise values in every pass that reads
-#: them instead of storing them. A step is memory-bound, and a stored intermediate (the cautious
-#: direction, CAME's clipped update) is a fresh full-size buffer: allocated, written and read
-#: again each step, which made C-AdamW 4x and CAME 8x the time of fused AdamW. Inductor's default
-#: stores any value read by several loops once its expression reads more than 4 buffers, and the
-#: 0-d hyperparameter tensors alone exceed that. Small values that every element needs are
-#: computed once by the rules themselves (:func:`shine.rules.hoist.hoist`).
-INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 1000}
+#: Inductor settings for the fused step.
+#:
+#: - Recompute element-wise values in every pass that reads them instead of storing them. A step
+#:   is memory-bound, and a stored intermediate (the cautious direction, CAME's clipped update) is
+#:   a fresh full-size buffer: allocated, written and read again each step, which made C-AdamW 4x
+#:   and CAME 8x the time of fused AdamW. Inductor's default stores any value read by several
+#:   loops once its expression reads more than 4 buffers, and the 0-d hyperparameter tensors alone
+#:   exceed that. Small values that every element needs are computed once by the rules themselves
+#:   (:func:`shine.rules.hoist.hoist`).
+#: - Always emit an OpenMP parallel loop (``cpp.dynamic_threads``). One graph serves every tensor
+#:   size, and inductor otherwise decides serial or parallel from the size of the tensor that
+#:   happened to trigger the compile (and its on-disk cache keeps that choice for later runs):
+#:   a first tensor of under 1024 elements, such as a bias, made every tensor's step serial.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 1000,
+                    "cpp.dynamic_threads": True}
 
 
 @functools.cache
