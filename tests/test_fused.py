@@ -179,25 +179,26 @@ def test_finite_check_exact_despite_overflow():
         opt.step()
 
 
-@needs_compiler
 def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch):
-    """C-AdamW's and C-MARS-AdamW's kept fraction (and MARS's clip) come from the compiled
-    read-only pre-pass; C-CAME (no cheap sign) counts inside its step."""
-    requested = []
-    compiled = engine._compiled
+    """C-AdamW's and C-MARS-AdamW's kept fraction (and MARS's clip) come from the read-only
+    pre-pass in the fused step; C-CAME (no cheap sign) counts inside its step. The fused path is
+    run here with its step function uncompiled (the compiler traces the same code)."""
+    prepassed = []
+    prepass = engine.pipeline_prepass
 
-    def spy(fn, key):
-        requested.append((fn.__name__, key[0].precondition.__name__, key[0].correction))
-        return compiled(fn, key)
+    def spy(pipe, *args):
+        prepassed.append((pipe.precondition.__name__, pipe.correction))
+        return prepass(pipe, *args)
 
-    monkeypatch.setattr(engine, "_compiled", spy)
+    monkeypatch.setattr(engine, "pipeline_prepass", spy)
+    monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
+    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
     for name in ("c-adamw", "c-mars-adamw", "c-came"):
-        params, grads = problem(torch.float32, steps=1)
-        drive(build(name, params, "fused"), params, grads)
-    assert ("pipeline_prepass", "adamw", False) in requested
-    assert ("pipeline_prepass", "adamw", True) in requested
-    assert ("pipeline_step", "adamw", True) in requested
-    assert not any(fn == "pipeline_prepass" and rule.startswith("came") for fn, rule, _ in requested)
+        params, grads = problem(torch.float32, steps=2)
+        reference = [p.clone() for p in params]
+        fused = drive(build(name, params, "fused"), params, grads)
+        assert_close(fused, drive(build(name, reference, "per_tensor"), reference, grads), torch.float32, name)
+    assert set(prepassed) == {("adamw", False), ("adamw", True)}
 
 
 @needs_compiler
