@@ -3,6 +3,15 @@ import pytest
 import torch
 from torch import nn
 
+from shine import engine
+
+
+@pytest.fixture(autouse=True)
+def fuse_tiny_tensors(monkeypatch):
+    """The tests' tensors are tiny; the fused path compiles every one of two elements or more
+    (by default it leaves tensors under ``FUSED_MIN_TENSOR_NUMEL`` to the multi-tensor path)."""
+    monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 2)
+
 
 class TinyNet(nn.Module):
     """A model with every parameter kind the optimizers route differently: matrices, a conv, biases, a norm, an embedding."""

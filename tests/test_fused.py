@@ -217,3 +217,30 @@ def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     with torch._inductor.config.patch(fx_graph_cache=False):
         _, code = run_and_get_code(step, pipe, p, g, state, hyper, None)
     assert "#pragma omp parallel" in "\n".join(code)
+
+
+def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch):
+    """Under ``FUSED_MIN_TENSOR_NUMEL`` elements a compiled call costs more than it saves, so those
+    tensors run on the multi-tensor path in one go; the rest compile. Both give the reference's numbers."""
+    monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 10)
+    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
+    compiled_sizes, foreach_sizes = [], []
+    run_foreach = engine._run_foreach
+
+    def spy_foreach(pipe, params, *args):
+        foreach_sizes.append(sorted(p.numel() for p in params))
+        return run_foreach(pipe, params, *args)
+
+    def fake_compile(fn, key):
+        def step(pipe, p, *args):
+            compiled_sizes.append(p.numel())
+            return fn(pipe, p, *args)
+        return step
+
+    monkeypatch.setattr(engine, "_run_foreach", spy_foreach)
+    monkeypatch.setattr(engine, "_compiled", fake_compile)
+    params, grads = problem(torch.float32, steps=2)
+    reference = [p.clone() for p in params]
+    fused = drive(build("c-adamw", params, "fused"), params, grads)
+    assert foreach_sizes == [[1, 5]] * 2 and sorted(compiled_sizes) == [21, 21, 21, 21, 54, 54]
+    assert_close(fused, drive(build("c-adamw", reference, "per_tensor"), reference, grads), torch.float32)
