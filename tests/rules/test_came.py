@@ -12,22 +12,26 @@ came_pytorch = pytest.importorskip("came_pytorch")
 # came_pytorch 0.1.3 factors every tensor with >= 2 dims over its last two dims (shine's
 # factor_conv="last2") and, in its unfactored path, applies `update = exp_avg.clone()`: it does NOT
 # have the in-place exp_avg scaling bug of ALGORITHMS.md §2, so 1-D and 0-d tensors are compared too.
-PACKAGE_SHAPES = [(), (5,), (3, 7), (7, 3), (16, 32), (4, 3, 3, 3), (2, 4, 3, 5)]
+# (37, 6) and (2, 21, 3): the fused path sums columns in blocks of 16 rows plus a remainder.
+PACKAGE_SHAPES = [(), (5,), (3, 7), (7, 3), (16, 32), (37, 6), (4, 3, 3, 3), (2, 4, 3, 5), (2, 21, 3)]
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("hp", [
     dict(lr=0.01),
     dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.99, 0.999), clip_threshold=0.5, eps=(1e-3, 1e-2)),
 ], ids=["default", "wd-betas-clip-eps"])
-def test_matches_came_pytorch(hp, foreach):
-    """shine.CAME(factor_conv="last2") follows came_pytorch.CAME step for step in fp32."""
+def test_matches_came_pytorch(hp, path):
+    """shine.CAME(factor_conv="last2") follows came_pytorch.CAME step for step in fp32, on every path."""
+    if path == "fused" and not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
     dtypes = [torch.float32] * len(PACKAGE_SHAPES)
     params0, grads = problem(dtypes, shapes=PACKAGE_SHAPES)
     package_params = fresh_params(params0)
     expected = drive(came_pytorch.CAME(package_params, **hp), package_params, grads)
     params = fresh_params(params0)
-    actual = drive(shine.CAME(params, factor_conv="last2", foreach=foreach, **hp), params, grads)
+    actual = drive(shine.CAME(params, factor_conv="last2", **PATHS[path], **hp), params, grads)
     assert_trajectories_close(actual, expected, dtypes, what="vs came_pytorch")
 
 

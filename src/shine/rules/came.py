@@ -44,6 +44,29 @@ def _mean(t, dim, keepdim=False):
     return t.sum(dim=dim, keepdim=keepdim) / t.shape[dim]
 
 
+#: Rows per block of :func:`_column_mean` under the compiler (16 measured best of 4-32).
+_COLUMN_BLOCK = 16
+
+
+def _column_mean(t):
+    """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`.
+
+    Under ``torch.compile`` the sum runs over blocks of 16 rows, then over the blocks. Inductor
+    walks a plain column sum down each column, one whole row's stride per element (0.45 ns per
+    element of a 50257x768 matrix on the 2-core CPU); the blocked form reads 16 rows side by
+    side (0.22 ns), so CAME's two column passes cost little more than its row passes. Only the
+    order of the additions differs from the plain sum. Matrices of fewer than 16 rows take the
+    plain sum (a size guard, so a graph of their own): inductor fails to lower the blocked form
+    when the compile's example has no whole block.
+    """
+    n = t.shape[-2]
+    if not torch.compiler.is_compiling() or n < _COLUMN_BLOCK:
+        return _mean(t, -2)
+    whole = n // _COLUMN_BLOCK * _COLUMN_BLOCK
+    blocks = t[..., :whole, :].unflatten(-2, (whole // _COLUMN_BLOCK, _COLUMN_BLOCK)).sum(-2).sum(-2)
+    return (blocks + t[..., whole:, :].sum(-2)) / n
+
+
 def _factored_rsqrt(row, col):
     """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
     return hoist((row / _mean(row, -1, keepdim=True)).rsqrt()).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
@@ -58,13 +81,13 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     m = exp_avg.view(x.shape)
     sq = x * x + eps1
     exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
-    exp_avg_sq_col.lerp_(_mean(sq, -2), 1 - beta2)
+    exp_avg_sq_col.lerp_(_column_mean(sq), 1 - beta2)
     u = placed_like(x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col), m)  # identity unless DTensor
     u = u / hoist((_rms(u) / clip_threshold).clamp_min(1.0))
     m.lerp_(u, 1 - beta1)
     res = (u - m) ** 2 + eps2
     exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
-    exp_avg_res_col.lerp_(_mean(res, -2), 1 - beta3)
+    exp_avg_res_col.lerp_(_column_mean(res), 1 - beta3)
     return placed_like(m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).view(shape)
 
 
