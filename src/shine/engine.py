@@ -236,13 +236,12 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
     would each be specialised)."""
     if pipe in _BROKEN:
         return _run_foreach(pipe, params, grads, states, hyper)
-    small = [i for i, p in enumerate(params) if p.numel() < FUSED_MIN_TENSOR_NUMEL]
-    if small:
-        _run_foreach(pipe, *([seq[i] for i in small] for seq in (params, grads, states)), hyper)
-        if len(small) == len(params):
+    small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
+    if any(small):
+        _run_foreach(pipe, *(_where(small, seq, True) for seq in (params, grads, states)), hyper)
+        params, grads, states = (_where(small, seq, False) for seq in (params, grads, states))
+        if not params:
             return
-        large = sorted(set(range(len(params))) - set(small))
-        params, grads, states = ([seq[i] for i in large] for seq in (params, grads, states))
     # float64, not float32: ``1 - beta`` of a float32 beta3 = 0.9999 is off by 2e-4 relative,
     # which CAME's confidence term amplifies; in float64 the constants round as Python's do.
     floats = tuple(k for k, v in hyper.items() if isinstance(v, float))
@@ -269,6 +268,10 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
         if step is None:
             steps[key] = _compiled(fused_step, key)
             _COMPILED_OK.add(key)
+
+
+def _where(mask: list[bool], items: list, keep: bool) -> list:
+    return [item for item, m in zip(items, mask) if m == keep]
 
 
 def fused_step(pipe: Pipeline, p, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
