@@ -67,9 +67,14 @@ def _column_mean(t):
     return (blocks + t[..., whole:, :].sum(-2)) / n
 
 
+def _row_rsqrt(row):
+    """``rsqrt(row / mean(row))``: the row half of Adafactor's rank-1 inverse root (``rsqrt(col)`` the other)."""
+    return hoist((row / _mean(row, -1, keepdim=True)).rsqrt())
+
+
 def _factored_rsqrt(row, col):
     """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
-    return hoist((row / _mean(row, -1, keepdim=True)).rsqrt()).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
+    return _row_rsqrt(row).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
 
 
 @per_tensor
@@ -81,9 +86,15 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     m = exp_avg.view(x.shape)
     sq = x * x + eps1
     exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
+    row = _row_rsqrt(exp_avg_sq_row)
+    # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
+    # pass that updates the column state also yields the RMS, and no pass over u is needed.
+    weighted = _column_mean(x * x * (row * row).unsqueeze(-1))
     exp_avg_sq_col.lerp_(_column_mean(sq), 1 - beta2)
-    u = placed_like(x * _factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col), m)  # identity unless DTensor
-    u = u / hoist((_rms(u) / clip_threshold).clamp_min(1.0))
+    col = hoist(exp_avg_sq_col.rsqrt())
+    rms = ((col * col * weighted).sum() / weighted.numel()).sqrt()
+    u = placed_like(x * (row.unsqueeze(-1) * col.unsqueeze(-2)), m)  # identity unless DTensor
+    u = u / hoist((rms / clip_threshold).clamp_min(1.0))
     m.lerp_(u, 1 - beta1)
     res = (u - m) ** 2 + eps2
     exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
