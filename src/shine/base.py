@@ -46,7 +46,9 @@ class ShineOptimizer(Optimizer):
         foreach: multi-tensor kernels (default) or, with ``False``, the per-tensor reference loop.
         fused: ``torch.compile`` the step into fused kernels (``True``), or not (``False``);
             ``None`` (default) fuses where it pays: on CUDA always, on CPU buckets of at least
-            ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements; never with ``foreach=False``.
+            ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements; never with ``foreach=False``. Within
+            a fused bucket, tensors under ``engine.FUSED_MIN_TENSOR_NUMEL`` (8192) elements
+            share the multi-tensor kernels (a compiled call costs more host time than they take).
             Without a working compiler ``True`` warns once and uses the multi-tensor path.
         state_dtype: dtype of the per-element state (momenta, ``prev_grad``); ``None`` (default)
             is fp32 for fp16/bf16 parameters and the parameter's dtype otherwise;
