@@ -249,15 +249,13 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
     flags = {k: v for k, v in hyper.items() if k not in floats}
     names = _state_names(pipe)
     flatten = pipe.precondition in _SHAPE_FREE
-    steps: dict[tuple, Callable] = {}
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         state = {n: s[n] for n in names}
         if flatten and p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in state.values()):
             p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
         key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
-        step = steps.get(key)
         try:
-            (step or _compiled(fused_step, key))(pipe, p, g, state, packed, floats, flags)
+            _compiled(fused_step, key)(pipe, p, g, state, packed, floats, flags)
         except Exception as err:  # compiling failed (before any tensor of this call was touched)
             if key in _COMPILED_OK:
                 raise
@@ -265,9 +263,7 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
             warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
                        f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
             return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
-        if step is None:
-            steps[key] = _compiled(fused_step, key)
-            _COMPILED_OK.add(key)
+        _COMPILED_OK.add(key)
 
 
 def _where(mask: list[bool], items: list, keep: bool) -> list:

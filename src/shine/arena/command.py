@@ -174,11 +174,11 @@ def run(args: argparse.Namespace) -> int:
         return parallel.launch(task.nproc, task.device, run, args)
     threads = max(1, set_threads() // size)
     torch.set_num_threads(threads)
-    if rank:  # other ranks of an --nproc run: train, then leave the reports to rank 0
-        train_all(corpus, task, [key for key in config.planned_runs() if not log.has(*key)], log)
-        return 0
     plan = config.planned_runs()
     todo = [key for key in plan if not log.has(*key)]
+    if rank:  # other ranks of an --nproc run: train, then leave the reports to rank 0
+        train_all(corpus, task, todo, log)
+        return 0
     n_params = sum(p.numel() for p in build_model(task.model, task.seq_len).parameters())
     print(
         f"shine arena: {corpus.source} ({len(corpus.train) / 1e3:.0f} KB train, {len(corpus.val) / 1e3:.0f} KB validation), "
