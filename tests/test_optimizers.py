@@ -235,6 +235,73 @@ def test_nonfinite_skip_skips_and_counts():
     assert opt.state[p]["step"].item() == 1
 
 
+# ---- gradient clipping (max_grad_norm) ----------------------------------------------
+PATHS = {"per_tensor": dict(foreach=False), "foreach": dict(fused=False), "fused": dict(fused=True)}
+# The fused path compiles a graph per optimizer (seconds each): these three cover element-wise,
+# cautious with the MARS correction (the fused pre-pass), and factored CAME.
+CLIP_CASES = ([(name, path) for name in NAMES for path in ("per_tensor", "foreach")]
+              + [(name, "fused") for name in ("adamw", "c-mars-lion", "came")])
+
+
+@pytest.mark.parametrize("name, path", CLIP_CASES)
+def test_max_grad_norm_matches_clip_grad_norm(name, path):
+    """Clipping inside the step equals torch's clip_grad_norm_ before an unclipped step."""
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s)) for s in [(16, 24), (24,), (5, 3, 3)]]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    clipped = make(name, ours, max_grad_norm=0.5, **PATHS[path])
+    unclipped = make(name, theirs, **PATHS[path])
+    for t in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p) * (t + 1)
+            q.grad = p.grad.clone()
+        norm = nn.utils.clip_grad_norm_(theirs, 0.5).item()
+        clipped.step()
+        unclipped.step()
+        assert clipped.last_grad_norm == pytest.approx(norm, rel=1e-5)
+        assert norm > 0.5  # the bound binds
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_max_grad_norm_leaves_the_gradients_unchanged():
+    p = nn.Parameter(torch.ones(3, 3))
+    p.grad = torch.full((3, 3), 2.0)
+    shine.AdamW([p], max_grad_norm=1.0).step()
+    assert torch.equal(p.grad, torch.full((3, 3), 2.0))
+
+
+def test_max_grad_norm_survives_float32_overflow_of_the_norm():
+    """Finite gradients whose squares overflow float32: the norm is redone in float64, not inf."""
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3e30, -4e30, 0.0, 0.0])
+    opt = shine.Lion([p], lr=1.0, max_grad_norm=1.0)
+    opt.step()
+    assert opt.last_grad_norm == pytest.approx(5e30, rel=1e-6)
+    assert torch.equal(p.detach(), torch.tensor([-0.1, 0.1, 0.0, 0.0]) * 10)  # sign(0.1 * clipped g) = sign(g)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_max_grad_norm_nonfinite_gradient_changes_nothing(nonfinite):
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = shine.CAME([p], lr=1e-3, max_grad_norm=1.0, nonfinite=nonfinite)
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    state, before = copy.deepcopy(opt.state[p]), p.detach().clone()
+    p.grad = torch.ones(3, 3)
+    p.grad[0, 2] = math.nan
+    if nonfinite == "raise":
+        with pytest.raises(RuntimeError, match=r"non-finite gradient \(NaN or inf\) in parameter #0"):
+            opt.step()
+    else:
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            opt.step()
+        assert opt.skipped_steps == 1
+    assert torch.equal(p, before)
+    for k, v in state.items():
+        assert torch.equal(opt.state[p][k], v)
+
+
 # ---- input errors ------------------------------------------------------------------
 P = [nn.Parameter(torch.zeros(2, 2))]
 
@@ -252,6 +319,9 @@ P = [nn.Parameter(torch.zeros(2, 2))]
     (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),
     (lambda: shine.CAME(P, lr=1e-3, factor_conv="rows"), "Invalid factor_conv"),
     (lambda: shine.AdamW(P, nonfinite="maybe"), "Invalid nonfinite"),
+    (lambda: shine.AdamW(P, max_grad_norm=0.0), "Invalid max_grad_norm"),
+    (lambda: shine.Lion(P, max_grad_norm=math.inf), "Invalid max_grad_norm"),
+    (lambda: shine.MARS(P, approx=False, max_grad_norm=1.0), "Invalid max_grad_norm with approx=False"),
     (lambda: shine.AdamW([nn.Parameter(torch.zeros(2, dtype=torch.complex64))]), "complex parameters"),
 ])
 def test_bad_hyperparameters_are_named(ctor, match):

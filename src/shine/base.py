@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import warnings
 from typing import Any, Callable, Hashable, Iterable
 
@@ -11,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import distributed, engine
 from .engine import Pipeline
-from .validation import check_choice, check_grad, check_param
+from .validation import check_choice, check_finite_nonneg, check_grad, check_param
 
 NONFINITE = ("raise", "skip", "ignore")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -58,14 +60,28 @@ class ShineOptimizer(Optimizer):
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default: an error naming the
             parameter, state untouched), ``"skip"`` (the step is skipped, state untouched,
             ``skipped_steps`` counts it) or ``"ignore"`` (no check, as torch.optim does).
+        max_grad_norm: clip the gradients of all the optimizer's parameters to this global
+            Euclidean norm, as ``torch.nn.utils.clip_grad_norm_`` before ``step()`` would
+            (same coefficient, ``max_grad_norm / (norm + 1e-6)`` capped at 1), but without
+            writing the gradients: the coefficient enters the update (on the fused path, inside
+            its kernel). The norm's pass over the gradients is also the non-finite check, which
+            then costs nothing extra. ``last_grad_norm`` holds the norm before clipping (for
+            logging). ``None`` (default): no clipping. The norm is over this optimizer's
+            parameters: under ZeRO, where each rank's optimizer holds a partition, clip with
+            ``clip_grad_norm_`` instead (see docs/distributed.md).
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, foreach: bool | None, fused: bool | None,
-                 nonfinite: str, state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
+                 nonfinite: str, state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
+                 max_grad_norm: float | None = None):
         check_choice("nonfinite", nonfinite, NONFINITE)
+        if max_grad_norm is not None:
+            check_finite_nonneg("max_grad_norm", max_grad_norm, positive=True)
         check_choice("state_dtype", state_dtype, STATE_DTYPES)
         check_choice("stochastic_rounding", stochastic_rounding, (None, True, False))
         self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: float | None = None
         self.skipped_steps = 0
         super().__init__(params, {**defaults, "foreach": foreach, "fused": fused, "state_dtype": state_dtype,
                                   "stochastic_rounding": stochastic_rounding})
@@ -141,8 +157,10 @@ class ShineOptimizer(Optimizer):
         for _, params in active:
             for p in params:
                 check_grad(p.grad, name)
-        if not self._gradients_finite([p for _, ps in active for p in ps]):
+        scale = self._gradient_scale([p for _, ps in active for p in ps])
+        if scale is None:
             return False
+        clip = {} if self.max_grad_norm is None else {"grad_scale": scale}
         for group, params in active:
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
             for p in params:
@@ -156,19 +174,36 @@ class ShineOptimizer(Optimizer):
                 path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in ps))
                 path, ps, grads, states = distributed.localise(path, group["fused"], pipe, ps, [p.grad for p in ps],
                                                                [self.state[p] for p in ps])
-                engine.run_bucket(path, pipe, ps, grads, states, {**hyper, "step": step, **_rounding(group)})
+                engine.run_bucket(path, pipe, ps, grads, states, {**hyper, "step": step, **clip, **_rounding(group)})
         return True
 
-    def _gradients_finite(self, params: list[Tensor]) -> bool:
-        if self.nonfinite == "ignore" or not params:
-            return True
-        if distributed.grads_finite([p.grad for p in params], engine.grads_finite):
-            return True
+    def _gradient_scale(self, params: list[Tensor]) -> float | None:
+        """The factor the gradients enter the update with (1.0, or the ``max_grad_norm`` clip);
+        ``None`` when a non-finite gradient skips the step (``nonfinite="raise"`` raises instead).
+
+        Without clipping, the non-finite check reads every gradient once. With clipping, the
+        global norm is the check: it is finite exactly when every element is, unless the sum
+        of squares overflowed, which the exact (inf-norm) check then tells apart.
+        """
+        grads = [p.grad for p in params]
+        if self.max_grad_norm is None:
+            finite = self.nonfinite == "ignore" or not grads or distributed.grads_finite(grads, engine.grads_finite)
+            return 1.0 if finite else self._nonfinite_gradient(params)
+        norm = distributed.grad_norm(grads, engine.grad_norm)
+        if not math.isfinite(norm) and self.nonfinite != "ignore":
+            if not distributed.grads_finite(grads, engine.grads_finite):
+                return self._nonfinite_gradient(params)
+            norm = distributed.grad_norm(grads, functools.partial(engine.grad_norm, dtype=torch.float64))
+        self.last_grad_norm = norm
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+
+    def _nonfinite_gradient(self, params: list[Tensor]) -> None:
+        """Skip (``nonfinite="skip"``) or raise, naming the first parameter with a NaN/inf gradient."""
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
-                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=4)
-            return False
+                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=5)
+            return None
         bad = next((i, tuple(p.shape)) for i, p in enumerate(params) if not torch.isfinite(p.grad).all())
         raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{bad[0]} "
                            f"of shape {bad[1]}; no state was changed. Pass nonfinite='skip' to skip such steps.")

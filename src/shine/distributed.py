@@ -26,6 +26,7 @@ Without torch.distributed every helper is the single-process identity.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -137,6 +138,28 @@ def grads_finite(grads: list[Tensor], check: Callable[[list[Tensor]], bool]) -> 
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(dim))
         finite = finite and not bool(bad)
     return finite
+
+
+def grad_norm(grads: list[Tensor], norm: Callable[[list[Tensor]], float]) -> float:
+    """The global Euclidean norm of ``grads`` (``norm`` computes it for plain tensors), DTensor
+    gradients included: the squared norm of each rank's local shards is summed over the mesh
+    dimensions the tensor is sharded on (replicated dimensions hold copies and are not summed),
+    so every rank gets the norm of the whole tensors, as one process would."""
+    plain = [g for g in grads if not is_dtensor(g) and g.numel()]
+    total = norm(plain) ** 2 if plain else 0.0
+    layouts: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        if is_dtensor(g):
+            layouts.setdefault((g.device_mesh, tuple(g.placements)), []).append(g.to_local())
+    for (mesh, placements), local in layouts.items():
+        local = [t for t in local if t.numel()]
+        device = local[0].device if local else mesh.device_type
+        square = torch.tensor([norm(local) ** 2 if local else 0.0], dtype=torch.float64, device=device)
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():
+                torch.distributed.all_reduce(square, group=mesh.get_group(dim))
+        total += square.item()
+    return math.sqrt(total)
 
 
 def _elementwise(pipe: Any) -> bool:

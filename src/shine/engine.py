@@ -75,7 +75,7 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     prepared = prepared or {}
     upcast = _dtype_of(p) in LOW_PRECISION
     work = p.float() if upcast else p
-    stored, (g, state, low) = state, _working_copies(pipe, g, state, upcast)
+    stored, (g, state, low) = state, _working_copies(pipe, g, state, hyper, upcast)
     x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
     if pipe.correction and pipe.approx:
         state["prev_grad"].copy_(g)
@@ -95,7 +95,7 @@ def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, 
     """The whole-tensor quantities the coming step of a cautious ``pipe`` with a ``direction_sign``
     needs before its element-wise pass, read from ``g`` and the state without writing them:
     caution's kept fraction (``"kept"``) and, with the MARS correction, its clip (``"clip"``)."""
-    g, state, _ = _working_copies(pipe, g, state, upcast)
+    g, state, _ = _working_copies(pipe, g, state, hyper, upcast)
     prepared = {}
     if pipe.correction:
         prepared["clip"] = rules.mars_clip(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
@@ -104,10 +104,14 @@ def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, 
     return prepared
 
 
-def _working_copies(pipe: Pipeline, g, state: dict[str, Any], upcast: bool):
-    """The gradient (fp32 for low-precision parameters, negated for ``maximize``), the state with
-    the preconditioner's low-precision tensors as fp32 copies, and the names of those."""
+def _working_copies(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], upcast: bool):
+    """The gradient (fp32 for low-precision parameters, times ``hyper["grad_scale"]`` when
+    clipped, negated for ``maximize``), the state with the preconditioner's low-precision tensors
+    as fp32 copies, and the names of those."""
     g = g.float() if upcast else g
+    scale = hyper.get("grad_scale", 1.0)
+    if isinstance(scale, Tensor) or scale != 1.0:  # compiled: always (a tensor), so no recompile
+        g = g * scale
     if pipe.maximize:
         g = -g
     low = [name for name in pipe.state if _dtype_of(state[name]) in LOW_PRECISION]
@@ -324,7 +328,7 @@ def compiler_available(device_type: str) -> bool:
         return False
 
 
-# ---- the non-finite gradient check ------------------------------------------------------
+# ---- the gradient checks: finiteness and the global norm ----------------------------------
 def grads_finite(grads: list[Tensor]) -> bool:
     """Whether every element of every gradient is finite, with one host synchronisation per device.
 
@@ -343,3 +347,10 @@ def grads_finite(grads: list[Tensor]) -> bool:
             if not bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()):
                 return False
     return True
+
+
+def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
+    """The Euclidean norm of all of ``grads`` together (one host synchronisation), each tensor's
+    norm computed in ``dtype`` (float64 where float32 squares would overflow) and combined in float64."""
+    norms = [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
+    return torch.stack(norms).double().square().sum().sqrt().item() if norms else 0.0

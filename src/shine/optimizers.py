@@ -18,8 +18,9 @@ _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
             (Cautious optimizers, arXiv 2411.16085); weight decay is not masked.
         maximize: maximize the objective instead of minimizing it.
-        foreach, fused, nonfinite, state_dtype, stochastic_rounding: execution path, NaN/inf
-            handling and state precision, see :class:`shine.base.ShineOptimizer`.
+        foreach, fused, nonfinite, state_dtype, stochastic_rounding, max_grad_norm: execution
+            path, NaN/inf handling, state precision and gradient clipping, see
+            :class:`shine.base.ShineOptimizer`.
 """
 
 
@@ -53,10 +54,11 @@ class AdamW(ShineOptimizer):
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, cautious: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
+                 max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group):
         _check_lr_wd(group)
@@ -92,10 +94,11 @@ class Lion(ShineOptimizer):
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, cautious: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
+                 max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group):
         _check_lr_wd(group)
@@ -171,7 +174,8 @@ class MARS(ShineOptimizer):
                  weight_decay_1d: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
                  cautious: bool = False, maximize: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, nonfinite: str = "raise",
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
+                 max_grad_norm: float | None = None):
         if isinstance(mars_type, str) and mars_type.startswith("mars-"):
             mars_type = mars_type[len("mars-"):]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma, mars_type=mars_type,
@@ -179,7 +183,7 @@ class MARS(ShineOptimizer):
                         weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
                         **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group):
         _check_lr_wd(group, positive_lr=True)
@@ -194,6 +198,9 @@ class MARS(ShineOptimizer):
                 f"Invalid ns_steps: {group['ns_steps']!r} (expected an int >= 1)")
         for flag in ("approx", "optimize_1d"):
             require(isinstance(group[flag], bool), f"Invalid {flag}: {group[flag]!r} (expected a bool)")
+        require(group["approx"] or self.max_grad_norm is None,
+                "Invalid max_grad_norm with approx=False: exact mode's stashed gradient would not be clipped "
+                "with the current one; clip both with torch.nn.utils.clip_grad_norm_ before stash_grad() and step()")
         group.setdefault("lr_at_construction", group["lr"])
 
     def _route(self, group, p):
@@ -294,12 +301,13 @@ class CAME(ShineOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-16), clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
                  factor_conv: str = "flatten", cautious: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
+                 max_grad_norm: float | None = None):
         require(lr is not None, "CAME needs an explicit lr (recommended: 0.5-0.9x your AdamW lr)")
         defaults = dict(lr=lr, betas=betas, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
                         factor_conv=factor_conv, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group):
         _check_lr_wd(group)

@@ -28,6 +28,7 @@ STEPS = 5
 BATCH = 12          # divisible by 1, 2, 3, 4 ranks: every rank gets an equal slice
 LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2}
 WEIGHT_DECAY = 0.1
+CLIP = 0.05  # max_grad_norm of the -clip configurations
 
 
 class Net(nn.Module):
@@ -65,11 +66,14 @@ def new_model() -> Net:
 # ---- optimizer configurations -------------------------------------------------------
 def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (registry name, extra keyword arguments): every registered optimizer, plus
-    MARS exact mode and the CAME reference conv factoring."""
+    MARS exact mode, the CAME reference conv factoring and global gradient clipping (labels
+    ending in ``-clip``; their bound is below this model's gradient norms, so it clips)."""
     out = {name: (name, {}) for name in shine.list_optimizers()}
     out["mars-adamw-exact"] = ("mars-adamw", {"approx": False})
     out["c-mars-shampoo-exact"] = ("c-mars-shampoo", {"approx": False})
     out["came-last2"] = ("came", {"factor_conv": "last2"})
+    out["adamw-clip"] = ("adamw", {"max_grad_norm": CLIP})
+    out["came-clip"] = ("came", {"max_grad_norm": CLIP})
     return out
 
 

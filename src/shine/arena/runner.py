@@ -2,7 +2,7 @@
 
 Every optimizer trains the same model from the same initialisation on the same batches for a
 given seed (a paired comparison), under the recipe of the papers: linear warmup, cosine decay,
-global gradient-norm clip 1.0 before the optimizer step.
+global gradient-norm clip 1.0 (the optimizers' ``max_grad_norm``, inside the step).
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def train_run(
     model = build_model(task.model, task.seq_len).to(task.device)
     parallel.shard(model, model.blocks)
     hyper = optimizer_hyper(optimizer)
-    opt = shine.create_optimizer(model, optimizer, lr=lr, **hyper)
+    # the global-norm clip inside the step: clip_grad_norm_'s numbers without its passes over the gradients
+    opt = shine.create_optimizer(model, optimizer, lr=lr, max_grad_norm=GRAD_CLIP, **hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps, task.warmup_steps))
     batches = corpus.train_batches(task.batch_size, task.seq_len, seed)
     val_batches = corpus.val_batches(task.batch_size, task.seq_len, EVAL_WINDOWS)
@@ -151,7 +152,6 @@ def train_run(
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         sched.step()
         if task.device != "cpu":
