@@ -5,6 +5,7 @@ every pipeline compiles once per process (engine caches the compiled step per pi
 and dtypes), whichever test triggers it first.
 """
 import copy
+import math
 import warnings
 
 import pytest
@@ -162,6 +163,17 @@ def test_auto_choice():
     params = [p.clone().requires_grad_() for p in params0]
     drive(shine.AdamW(params), params, grads[:2])
     assert counters["stats"]["unique_graphs"] == before, "a small default optimizer compiled"
+
+
+def test_grad_norm_of_every_layout_and_dtype():
+    """dot() for contiguous float32, vector_norm otherwise (transposed, bf16), in float64 on demand."""
+    grads = [torch.randn(100, 30), torch.randn(7).bfloat16(), torch.randn(5, 4).t(), torch.randn(0)]
+    expected = torch.cat([g.double().reshape(-1) for g in grads]).norm().item()
+    assert engine.grad_norm(grads) == pytest.approx(expected, rel=1e-6)
+    assert engine.grad_norm([]) == 0.0
+    huge = [torch.tensor([3e30, 4e30])]
+    assert engine.grad_norm(huge) == math.inf
+    assert engine.grad_norm(huge, dtype=torch.float64) == pytest.approx(5e30, rel=1e-7)
 
 
 def test_finite_check_exact_despite_overflow():
