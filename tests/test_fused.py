@@ -166,11 +166,14 @@ def test_auto_choice():
 
 
 def test_grad_norm_of_every_layout_and_dtype():
-    """dot() for contiguous float32, vector_norm otherwise (transposed, bf16), in float64 on demand."""
+    """Row-wise norms of every layout (transposed, bf16, empty), in float64 on demand, and accurate:
+    float32 over a whole 4M-element tensor would be off by about 1e-4 relative."""
     grads = [torch.randn(100, 30), torch.randn(7).bfloat16(), torch.randn(5, 4).t(), torch.randn(0)]
     expected = torch.cat([g.double().reshape(-1) for g in grads]).norm().item()
     assert engine.grad_norm(grads) == pytest.approx(expected, rel=1e-6)
     assert engine.grad_norm([]) == 0.0
+    big = [torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0))]
+    assert engine.grad_norm(big) == pytest.approx(big[0].double().norm().item(), rel=1e-7)
     huge = [torch.tensor([3e30, 4e30])]
     assert engine.grad_norm(huge) == math.inf
     assert engine.grad_norm(huge, dtype=torch.float64) == pytest.approx(5e30, rel=1e-7)
@@ -203,14 +206,62 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
         return prepass(pipe, *args)
 
     monkeypatch.setattr(engine, "pipeline_prepass", spy)
-    monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
-    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
+    _uncompiled_fused_path(monkeypatch)
     for name in ("c-adamw", "c-mars-adamw", "c-came"):
         params, grads = problem(torch.float32, steps=2)
         reference = [p.clone() for p in params]
         fused = drive(build(name, params, "fused"), params, grads)
         assert_close(fused, drive(build(name, reference, "per_tensor"), reference, grads), torch.float32, name)
     assert set(prepassed) == {("adamw", False), ("adamw", True)}
+
+
+def _uncompiled_fused_path(monkeypatch):
+    """The fused path's code run without compiling (the compiler traces the same code)."""
+    monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
+    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
+    checked = []
+    grads_finite = engine.grads_finite
+
+    def spy(grads):
+        checked.extend(tuple(g.shape) for g in grads)
+        return grads_finite(grads)
+
+    monkeypatch.setattr(engine, "grads_finite", spy)
+    return checked
+
+
+@pytest.mark.parametrize("name, huge", [("c-adamw", 3e38), ("mars-adamw", 1e20)])
+def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
+    """On CPU the fused pre-pass (caution's count, MARS's clip) runs before any step and reads each
+    gradient anyway: its probe checks those gradients, and only the others get the separate check.
+    A NaN behind a probe still stops the step with nothing written, not even the first step's
+    fresh state; a probe that overflows on finite values lets the step go on."""
+    checked = _uncompiled_fused_path(monkeypatch)
+    monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 10)  # 0-d and (5,) take the multi-tensor path
+    params, grads = problem(torch.float32, steps=2)
+    reference = [p.clone() for p in params]
+    fused = drive(build(name, params, "fused"), params, grads)
+    assert_close(fused, drive(build(name, reference, "per_tensor"), reference, grads), torch.float32, name)
+    # MARS's 1-D and 0-d parameters take its AdamW (no pre-pass); both paths check them separately
+    probed = [(3, 7), (7, 3)] + ([(2, 3, 3, 3)] if name == "c-adamw" else [])
+    separately = [s for s in SHAPES if s not in probed]
+    assert sorted(checked) == sorted(separately * 2 + SHAPES * 2)  # 2 fused steps, 2 reference steps
+
+    fresh = [p.clone().requires_grad_() for p in params]
+    before = [p.detach().clone() for p in fresh]
+    opt = build(name, fresh, "fused")
+    for p, g in zip(fresh, grads[0]):
+        p.grad = g.clone()
+    fresh[2].grad[1, 1] = math.nan
+    with pytest.raises(RuntimeError, match=r"non-finite gradient \(NaN or inf\) in parameter #2"):
+        opt.step()
+    assert not any(opt.state[p] for p in fresh)
+    assert all(torch.equal(p, q) for p, q in zip(fresh, before))
+
+    fresh[2].grad = torch.full((3, 7), huge)  # the sum (c-adamw) or the clip norm (MARS) overflows
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 1 for p in fresh)
+    assert torch.isfinite(fresh[2]).all()
 
 
 @needs_compiler
@@ -245,7 +296,7 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
 
     def fake_compile(fn, key):
         def step(pipe, p, *args):
-            compiled_sizes.append(p.numel())
+            compiled_sizes.append((fn.__name__, p.numel()))
             return fn(pipe, p, *args)
         return step
 
@@ -254,5 +305,8 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
     params, grads = problem(torch.float32, steps=2)
     reference = [p.clone() for p in params]
     fused = drive(build("c-adamw", params, "fused"), params, grads)
-    assert foreach_sizes == [[1, 5]] * 2 and sorted(compiled_sizes) == [21, 21, 21, 21, 54, 54]
+    # per step: a pre-pass and a step call for each tensor of 21 and 54 elements
+    assert foreach_sizes == [[1, 5]] * 2
+    assert sorted(compiled_sizes) == sorted([(fn, n) for fn in ("fused_prepass", "fused_step")
+                                             for n in (21, 21, 54)] * 2)
     assert_close(fused, drive(build("c-adamw", reference, "per_tensor"), reference, grads), torch.float32)

@@ -223,6 +223,22 @@ def test_nonfinite_gradient_raises_without_touching_state(bad):
         assert torch.equal(opt.state[p][k], v)
 
 
+def test_nonfinite_first_step_keeps_only_what_was_there():
+    """The state a first step creates goes again when its gradient is non-finite; a gradient
+    stashed before it (MARS exact mode) stays."""
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = shine.MARS([p], approx=False)
+    p.grad = torch.ones(3, 3)
+    opt.stash_grad()
+    p.grad = torch.full((3, 3), math.inf)
+    with pytest.raises(RuntimeError, match="non-finite gradient"):
+        opt.step()
+    assert set(opt.state[p]) == {"next_prev_grad"}
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    assert opt.state[p]["step"].item() == 1 and torch.equal(opt.state[p]["prev_grad"], torch.ones(3, 3))
+
+
 def test_nonfinite_skip_skips_and_counts():
     p = nn.Parameter(torch.ones(4))
     opt = shine.AdamW([p], nonfinite="skip")

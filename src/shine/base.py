@@ -151,58 +151,93 @@ class ShineOptimizer(Optimizer):
 
     # ---- the step --------------------------------------------------------------------
     def _update(self) -> bool:
-        """Run every bucket once; returns False when a non-finite gradient made it skip."""
+        """Run every bucket once; returns False when a non-finite gradient made it skip.
+
+        Nothing is written before every gradient is known to be finite. The pre-passes of the
+        fused buckets (:func:`shine.engine.prepare_bucket`) only read, so they run first and
+        their probes check the gradients they read; the other gradients get a check of their
+        own. With ``max_grad_norm`` the norm, needed before anything else, is the check (and
+        the pre-passes stay inside the steps' graphs, as with ``nonfinite="ignore"``).
+        """
         name = type(self).__name__
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        for _, params in active:
-            for p in params:
-                check_grad(p.grad, name)
-        scale = self._gradient_scale([p for _, ps in active for p in ps])
+        params = [p for _, ps in active for p in ps]
+        for p in params:
+            check_grad(p.grad, name)
+        scale = self._clip_scale(params)
         if scale is None:
             return False
-        clip = {} if self.max_grad_norm is None else {"grad_scale": scale}
-        for group, params in active:
+        fresh = {p: set(self.state[p]) for p in params if "step" not in self.state[p]}
+        probe = self.max_grad_norm is None and self.nonfinite != "ignore"  # pre-passes as the check
+        runs = []
+        for group, ps in active:
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
-            for p in params:
-                route = self._route(group, p)
-                state = self._init_param_state(group, p)
-                state["step"] += 1
+            for p in ps:
+                step = float(self._init_param_state(group, p)["step"]) + 1
                 # DTensors of one mesh, or plain tensors, never mixed: they cannot share a kernel
-                buckets[(route, p.device, p.dtype, float(state["step"]), distributed.mesh_of(p))].append(p)
-            for (route, device, _, step, _), ps in buckets.items():
+                buckets[(self._route(group, p), p.device, p.dtype, step, distributed.mesh_of(p))].append(p)
+            for (route, device, _, step, _), bucket in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
-                path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in ps))
-                path, ps, grads, states = distributed.localise(path, group["fused"], pipe, ps, [p.grad for p in ps],
-                                                               [self.state[p] for p in ps])
-                engine.run_bucket(path, pipe, ps, grads, states, {**hyper, "step": step, **clip, **_rounding(group)})
+                hyper = {**hyper, "step": step, **_rounding(group)}
+                if self.max_grad_norm is not None:
+                    hyper["grad_scale"] = scale
+                path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in bucket))
+                path, bucket, grads, states = distributed.localise(path, group["fused"], pipe, bucket,
+                                                                   [p.grad for p in bucket],
+                                                                   [self.state[p] for p in bucket])
+                prepared = engine.prepare_bucket(path, pipe, bucket, grads, states, hyper) if probe else None
+                runs.append((path, pipe, bucket, grads, states, hyper, prepared))
+        if probe and not self._gradients_finite(params, runs):
+            for p, keys in fresh.items():  # the state created above for this step goes again
+                for key in set(self.state[p]) - keys:
+                    del self.state[p][key]
+            return self._nonfinite_gradient(params, stacklevel=4) or False
+        for p in params:
+            self.state[p]["step"] += 1
+        for run in runs:
+            engine.run_bucket(*run)
         return True
 
-    def _gradient_scale(self, params: list[Tensor]) -> float | None:
-        """The factor the gradients enter the update with (1.0, or the ``max_grad_norm`` clip);
-        ``None`` when a non-finite gradient skips the step (``nonfinite="raise"`` raises instead).
-
-        Without clipping, the non-finite check reads every gradient once. With clipping, the
-        global norm is the check: it is finite exactly when every element is, unless the sum
-        of squares overflowed, which the exact (inf-norm) check then tells apart.
-        """
+    def _clip_scale(self, params: list[Tensor]) -> float | None:
+        """The factor the gradients enter the update with: 1.0 without ``max_grad_norm``, else the
+        clip coefficient, from the global norm, which is then also the non-finite check (finite
+        exactly when every element is, unless the sum of squares overflowed, which the exact
+        check tells apart). ``None``: a non-finite gradient skips the step (or it raised)."""
+        if self.max_grad_norm is None or not params:
+            return 1.0
         grads = [p.grad for p in params]
-        if self.max_grad_norm is None:
-            finite = self.nonfinite == "ignore" or not grads or distributed.grads_finite(grads, engine.grads_finite)
-            return 1.0 if finite else self._nonfinite_gradient(params)
         norm = distributed.grad_norm(grads, engine.grad_norm)
         if not math.isfinite(norm) and self.nonfinite != "ignore":
             if not distributed.grads_finite(grads, engine.grads_finite):
-                return self._nonfinite_gradient(params)
+                return self._nonfinite_gradient(params, stacklevel=5)
             norm = distributed.grad_norm(grads, functools.partial(engine.grad_norm, dtype=torch.float64))
         self.last_grad_norm = norm
         return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
-    def _nonfinite_gradient(self, params: list[Tensor]) -> None:
-        """Skip (``nonfinite="skip"``) or raise, naming the first parameter with a NaN/inf gradient."""
+    @staticmethod
+    def _gradients_finite(params: list[Tensor], runs: list[tuple]) -> bool:
+        """Whether every gradient is finite: from the pre-pass probes where the fused buckets made
+        them (one host synchronisation), by a check of their own (:func:`shine.engine.grads_finite`)
+        for the rest. A non-finite probe from finite values (overflow) is settled exactly."""
+        probed = [pair for run in runs for pair in engine.prepared_probes(run[3], run[6])]
+        seen = {id(g) for g, _ in probed}
+        rest = [p.grad for p in params if id(p.grad) not in seen]
+        if rest and not distributed.grads_finite(rest, engine.grads_finite):
+            return False
+        by_device: dict[torch.device, list[Tensor]] = collections.defaultdict(list)
+        for _, probe in probed:
+            by_device[probe.device].append(probe.float())
+        if not all(bool(torch.stack(probes).isfinite().all()) for probes in by_device.values()):
+            return engine.grads_finite([g for g, _ in probed])
+        return True
+
+    def _nonfinite_gradient(self, params: list[Tensor], stacklevel: int) -> None:
+        """Skip (``nonfinite="skip"``: count, warn, return ``None``) or raise, naming the first
+        parameter with a NaN/inf gradient."""
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
-                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=5)
+                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=stacklevel)
             return None
         bad = next((i, tuple(p.shape)) for i, p in enumerate(params) if not torch.isfinite(p.grad).all())
         raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{bad[0]} "

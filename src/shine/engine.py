@@ -59,6 +59,12 @@ class Pipeline:
     scalars: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     direction_sign: Callable | None = None
 
+    @property
+    def prepass(self) -> bool:
+        """Whether the step needs whole-tensor quantities that a read-only pre-pass can compute
+        first (MARS's clip, caution's kept fraction with a ``direction_sign``)."""
+        return self.correction or (self.cautious and self.direction_sign is not None)
+
 
 def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any],
                   prepared: dict[str, Any] | None = None) -> None:
@@ -92,15 +98,20 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
 
 def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any],
                      upcast: bool) -> dict[str, Any]:
-    """The whole-tensor quantities the coming step of a cautious ``pipe`` with a ``direction_sign``
-    needs before its element-wise pass, read from ``g`` and the state without writing them:
-    caution's kept fraction (``"kept"``) and, with the MARS correction, its clip (``"clip"``)."""
+    """The whole-tensor quantities the coming step of a ``pipe`` with a :attr:`Pipeline.prepass`
+    needs before its element-wise pass, read from ``g`` and the state without writing them: the
+    MARS correction's clip (``"clip"``) and caution's kept fraction (``"kept"``). Also
+    ``"probe"``: a 0-d tensor that is finite exactly when every element of ``g`` is (the clip
+    norm, else the sum of ``g``; either can also overflow, which the exact check tells apart),
+    so the pre-pass doubles as the non-finite check."""
     g, state, _ = _working_copies(pipe, g, state, hyper, upcast)
     prepared = {}
     if pipe.correction:
         prepared["clip"] = rules.mars_clip(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
-    x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
-    prepared["kept"] = rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
+    if pipe.cautious and pipe.direction_sign is not None:
+        x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
+        prepared["kept"] = rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
+    prepared["probe"] = prepared["clip"] if pipe.correction else g.sum()
     return prepared
 
 
@@ -161,19 +172,67 @@ def _dtype_of(p) -> torch.dtype:
 
 
 def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tensor],
-               states: list[dict[str, Tensor]], hyper: dict[str, Any]) -> None:
-    """Apply one step of ``pipe`` to every tensor of a bucket on the chosen execution path."""
-    if pipe.scalars is not None:
-        hyper = {**hyper, **pipe.scalars(hyper)}
+               states: list[dict[str, Tensor]], hyper: dict[str, Any],
+               prepared: list[dict[str, Any] | None] | None = None) -> None:
+    """Apply one step of ``pipe`` to every tensor of a bucket on the chosen execution path;
+    ``prepared`` is what :func:`prepare_bucket` returned for it."""
+    hyper = _with_scalars(pipe, hyper)
     if path == "per_tensor":
         for p, g, s in zip(params, grads, states):
             pipeline_step(pipe, p, g, s, hyper)
     elif path == "foreach":
         _run_foreach(pipe, params, grads, states, hyper)
     elif path == "fused":
-        _run_fused(pipe, params, grads, states, hyper)
+        _run_fused(pipe, params, grads, states, hyper, prepared)
     else:
         raise ValueError(f"unknown execution path {path!r}; expected one of {PATHS}")
+
+
+def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tensor],
+                   states: list[dict[str, Tensor]], hyper: dict[str, Any]) -> list[dict[str, Any] | None] | None:
+    """Run the read-only pre-pass (:func:`pipeline_prepass`) of a fused bucket, before any tensor
+    of any bucket is stepped, so that it doubles as the non-finite check of the gradients it
+    reads; ``None`` where there is none (other paths, pipelines without one, devices not in
+    :data:`PREPASS_CHECK_DEVICES`: there the step computes it in its own graph).
+
+    Returns one entry per tensor: its prepared quantities, with the ``"probe"`` that makes the
+    pre-pass the non-finite check of that gradient (see :func:`prepared_probes`), or ``None``
+    for the small tensors that take the multi-tensor path (:data:`FUSED_MIN_TENSOR_NUMEL`).
+    """
+    if (path != "fused" or not pipe.prepass or pipe in _BROKEN
+            or params[0].device.type not in PREPASS_CHECK_DEVICES):
+        return None
+    hyper = _with_scalars(pipe, hyper)
+    packed, floats, flags = _packed(hyper, params[0].device)
+    upcast = _dtype_of(params[0]) in LOW_PRECISION
+    prepared: list[dict[str, Any] | None] = []
+    for p, g, s in zip(params, grads, states):
+        if p.numel() < FUSED_MIN_TENSOR_NUMEL:
+            prepared.append(None)
+            continue
+        _, g, state, key = _fused_args(pipe, p, g, s)
+        try:
+            prepared.append(_call_compiled(fused_prepass, pipe, key, pipe, g, state, packed, floats, flags, upcast))
+        except _CompileFailed:
+            return None
+    return prepared
+
+
+#: Devices on which a fused bucket's pre-pass runs as a compiled call of its own, before any step,
+#: and serves as the non-finite check. That trades one read of every gradient (the check) for a
+#: second compiled call per tensor (about 85 us of host time on the 2-core CPU): a gain where
+#: memory bandwidth bounds the step (CPU). On CUDA the host time of the calls already exceeds the
+#: kernels' for GPT-2-sized models, so the pre-pass stays inside the step's graph there.
+PREPASS_CHECK_DEVICES = frozenset({"cpu"})
+
+
+def prepared_probes(grads: list[Tensor], prepared: list[dict[str, Any] | None] | None) -> list[tuple[Tensor, Tensor]]:
+    """``(gradient, probe)`` for each gradient of a bucket that :func:`prepare_bucket` pre-passed."""
+    return [(g, prep["probe"]) for g, prep in zip(grads, prepared or ()) if prep is not None]
+
+
+def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
+    return {**hyper, **pipe.scalars(hyper)} if pipe.scalars is not None else hyper
 
 
 # ---- choosing the path ------------------------------------------------------------------
@@ -231,43 +290,69 @@ _BROKEN: set[Pipeline] = set()
 FUSED_MIN_TENSOR_NUMEL = 8192
 
 
-def _run_fused(pipe: Pipeline, params, grads, states, hyper) -> None:
+def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared=None) -> None:
     """One compiled call per tensor, of :func:`fused_step`, traced with dynamic shapes, so one
     graph per (pipeline, dtypes, rank) serves every tensor size. The float hyperparameters (lr,
     betas, step, ...) enter as one float64 tensor, so a scheduler changing lr or the step count
     never recompiles. Tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take the
     multi-tensor path (the same math), and so never cost a graph of their own (sizes 0 and 1
-    would each be specialised)."""
+    would each be specialised). ``prepared``: :func:`prepare_bucket`'s pre-pass results."""
     if pipe in _BROKEN:
         return _run_foreach(pipe, params, grads, states, hyper)
     small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
+    prepared = prepared or [None] * len(params)
     if any(small):
         _run_foreach(pipe, *(_where(small, seq, True) for seq in (params, grads, states)), hyper)
-        params, grads, states = (_where(small, seq, False) for seq in (params, grads, states))
+        params, grads, states, prepared = (_where(small, seq, False) for seq in (params, grads, states, prepared))
         if not params:
             return
+    packed, floats, flags = _packed(hyper, params[0].device)
+    for i, (p, g, s, prep) in enumerate(zip(params, grads, states, prepared)):
+        p, g, state, key = _fused_args(pipe, p, g, s)
+        prep = None if prep is None else {k: v for k, v in prep.items() if k != "probe"}
+        try:
+            _call_compiled(fused_step, pipe, key, pipe, p, g, state, packed, floats, flags, prep)
+        except _CompileFailed:
+            return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
+
+
+def _packed(hyper: dict[str, Any], device: torch.device) -> tuple[Tensor, tuple[str, ...], dict[str, Any]]:
+    """The float hyperparameters as one float64 tensor, their names, and the other (flag) entries."""
     # float64, not float32: ``1 - beta`` of a float32 beta3 = 0.9999 is off by 2e-4 relative,
     # which CAME's confidence term amplifies; in float64 the constants round as Python's do.
     floats = tuple(k for k, v in hyper.items() if isinstance(v, float))
-    packed = torch.tensor([hyper[k] for k in floats], dtype=torch.float64, device=params[0].device)
-    flags = {k: v for k, v in hyper.items() if k not in floats}
-    names = _state_names(pipe)
-    flatten = pipe.precondition in _SHAPE_FREE
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        state = {n: s[n] for n in names}
-        if flatten and p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in state.values()):
-            p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
-        key = (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
-        try:
-            _compiled(fused_step, key)(pipe, p, g, state, packed, floats, flags)
-        except Exception as err:  # compiling failed (before any tensor of this call was touched)
-            if key in _COMPILED_OK:
-                raise
-            _BROKEN.add(pipe)
-            warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
-                       f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
-            return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
-        _COMPILED_OK.add(key)
+    packed = torch.tensor([hyper[k] for k in floats], dtype=torch.float64, device=device)
+    return packed, floats, {k: v for k, v in hyper.items() if k not in floats}
+
+
+def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]):
+    """A tensor's parameter, gradient and state as the compiled step takes them (1-D views for
+    the shape-free preconditioners), and the key of its compiled graph."""
+    state = {n: s[n] for n in _state_names(pipe)}
+    if (pipe.precondition in _SHAPE_FREE and p.is_contiguous() and g.is_contiguous()
+            and all(t.is_contiguous() for t in state.values())):
+        p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
+    return p, g, state, (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
+
+
+class _CompileFailed(Exception):
+    """Compiling a pipeline's step failed (nothing was written): it now takes the multi-tensor path."""
+
+
+def _call_compiled(fn: Callable, pipe: Pipeline, key: tuple, *args: Any) -> Any:
+    """``_compiled(fn, key)(*args)``. A failure of the first call of a key is a compile failure:
+    the pipeline is marked broken with one warning, and :class:`_CompileFailed` is raised."""
+    try:
+        out = _compiled(fn, key)(*args)
+    except Exception as err:  # compiling failed (before any tensor of this call was touched)
+        if (fn, key) in _COMPILED_OK:
+            raise
+        _BROKEN.add(pipe)
+        warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
+                   f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
+        raise _CompileFailed from err
+    _COMPILED_OK.add((fn, key))
+    return out
 
 
 def _where(mask: list[bool], items: list, keep: bool) -> list:
@@ -275,16 +360,25 @@ def _where(mask: list[bool], items: list, keep: bool) -> list:
 
 
 def fused_step(pipe: Pipeline, p, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
-               flags: dict[str, Any]) -> None:
-    """What the fused path compiles for one tensor: ``pipeline_step``, after ``pipeline_prepass``
-    when caution can count first (one graph, so still one call per tensor). The float
+               flags: dict[str, Any], prepared: dict[str, Any] | None) -> None:
+    """What the fused path compiles for one tensor: ``pipeline_step``, after its pre-pass (one
+    graph, one call) unless :func:`prepare_bucket` ran that already (``prepared``). The float
     hyperparameters come packed in one tensor (named by ``floats``): one graph input, and one
     guard, instead of one per value."""
-    hyper = {**flags, **{name: packed[i] for i, name in enumerate(floats)}}
-    prepared = None
-    if pipe.cautious and pipe.direction_sign is not None:
+    hyper = _unpacked(packed, floats, flags)
+    if prepared is None and pipe.prepass:
         prepared = pipeline_prepass(pipe, g, state, hyper, _dtype_of(p) in LOW_PRECISION)
     pipeline_step(pipe, p, g, state, hyper, prepared)
+
+
+def fused_prepass(pipe: Pipeline, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
+                  flags: dict[str, Any], upcast: bool) -> dict[str, Any]:
+    """What the fused path compiles for one tensor's pre-pass: :func:`pipeline_prepass`."""
+    return pipeline_prepass(pipe, g, state, _unpacked(packed, floats, flags), upcast)
+
+
+def _unpacked(packed: Tensor, floats: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any]:
+    return {**flags, **{name: packed[i] for i, name in enumerate(floats)}}
 
 
 _COMPILED_OK: set[tuple] = set()
@@ -354,25 +448,26 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     tensor's sum of squares computed in ``dtype`` (float64 where float32 squares would overflow)
     and the sums combined in float64.
 
-    On CPU a contiguous gradient of that dtype takes ``dot(g, g)``, which reads it at the speed
-    of a plain sum; ``vector_norm`` and ``_foreach_norm`` take 1.7x as long there. Other devices
-    get one multi-tensor norm kernel.
+    On CPU each tensor is reduced row by row (``vector_norm`` over its last dims, then the rows'
+    squares summed in float64): as fast as a plain sum there, and accurate. A whole-tensor
+    float32 ``vector_norm`` (what ``_foreach_norm`` and ``clip_grad_norm_`` compute on CPU) is off
+    by 5e-3 relative on a 38.6M-element embedding, ``dot(g, g)`` by 7e-4; by rows, 1e-10.
+    Other devices get one multi-tensor norm kernel.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        by_device.setdefault(g.device, []).append(g)
+        if g.numel():
+            by_device.setdefault(g.device, []).append(g)
     total = 0.0
     for device, gs in by_device.items():
         if device.type == "cpu":
             squares = [_sum_of_squares(g, dtype) for g in gs]
         else:
-            squares = [n.square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
-        total += torch.stack(squares).double().sum().item()
+            squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
+        total += torch.stack(squares).sum().item()
     return math.sqrt(total)
 
 
 def _sum_of_squares(g: Tensor, dtype: torch.dtype) -> Tensor:
-    if g.dtype == dtype and g.is_contiguous():
-        flat = g.view(-1)
-        return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(g, dtype=dtype).square()
+    rows = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(1, -1)
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=dtype).double().square().sum()

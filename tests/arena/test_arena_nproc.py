@@ -20,8 +20,11 @@ def test_nproc_matches_one_process(tmp_path):
     one, two = _runs(tmp_path / "one"), _runs(tmp_path / "two")
     assert set(one) == set(two) == {"adamw", "came", "c-mars-adamw"}
     for name in one:
-        assert two[name]["train_losses"] == pytest.approx(one[name]["train_losses"], rel=1e-5), name
-        assert two[name]["final_val_loss"] == pytest.approx(one[name]["final_val_loss"], rel=1e-5), name
+        # Sharded reductions add in another order (1e-7 relative); caution's mask turns such
+        # differences into a few coordinates kept or dropped, which reach 1e-5 of the loss by step 6.
+        rel = 1e-4 if name.startswith("c-") else 1e-5
+        assert two[name]["train_losses"] == pytest.approx(one[name]["train_losses"], rel=rel), name
+        assert two[name]["final_val_loss"] == pytest.approx(one[name]["final_val_loss"], rel=rel), name
         assert two[name]["state_mb"] < one[name]["state_mb"]  # each rank holds a shard of the state
 
 
