@@ -399,7 +399,7 @@ _COMPILED_OK: set[tuple] = set()
 #: - Trust the C++ compiler with the CPU's vector instructions (``cpp.vec_isa_ok``). Otherwise the
 #:   first compile on a machine (an empty inductor cache) builds and loads a test program for
 #:   each instruction set, one after another: 9-10 s of AdamW's 23 s first step here, against
-#:   14.6 s without them. A compiler too old for them fails the step's compile instead, and the
+#:   14.4 s without them. A compiler too old for them fails the step's compile instead, and the
 #:   pipeline falls back to the multi-tensor path with one warning. The test results are cached
 #:   per process by inductor, so this also holds for other compiles after shine's first.
 INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 1000,
@@ -454,11 +454,13 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     tensor's sum of squares computed in ``dtype`` (float64 where float32 squares would overflow)
     and the sums combined in float64.
 
-    On CPU each tensor is reduced row by row (``vector_norm`` over its last dims, then the rows'
-    squares summed in float64): as fast as a plain sum there, and accurate. On a random 50257x768
-    matrix the whole-tensor float32 norm (what ``_foreach_norm`` and ``clip_grad_norm_`` compute
-    on CPU) is off by 2.7e-3 relative, the square root of ``dot(g, g)`` by 3.5e-4; by rows, 1e-10.
-    Other devices get one multi-tensor norm kernel.
+    On CPU a large tensor is reduced row by row (``vector_norm`` over its last dims, then the
+    rows' squares summed in float64): as fast as a plain sum there, and accurate. On a random
+    50257x768 matrix the whole-tensor float32 norm (what ``_foreach_norm`` and ``clip_grad_norm_``
+    compute on CPU) is off by 2.7e-3 relative, the square root of ``dot(g, g)`` by 3.5e-4; by rows,
+    1e-10. Small tensors, where a float32 ``dot`` is accurate (about 1e-7 under 64K elements),
+    take one ``dot`` each: their per-call cost, not their bytes, is what counts (98 of GPT-2
+    small's 148 tensors). Other devices get one multi-tensor norm kernel.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
@@ -466,14 +468,23 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
             by_device.setdefault(g.device, []).append(g)
     total = 0.0
     for device, gs in by_device.items():
-        if device.type == "cpu":
-            squares = [_sum_of_squares(g, dtype) for g in gs]
-        else:
+        if device.type != "cpu":
             squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
+        else:
+            def by_dot(g: Tensor) -> bool:
+                return g.numel() < _ROWWISE_MIN_NUMEL and g.dtype == dtype and g.is_contiguous()
+
+            squares = [_rowwise_sum_of_squares(g, dtype) for g in gs if not by_dot(g)]
+            small = [g.view(-1) for g in gs if by_dot(g)]
+            if small:
+                squares.append(torch.stack([torch.dot(v, v) for v in small]).double().sum())
         total += torch.stack(squares).sum().item()
     return math.sqrt(total)
 
 
-def _sum_of_squares(g: Tensor, dtype: torch.dtype) -> Tensor:
+_ROWWISE_MIN_NUMEL = 65536
+
+
+def _rowwise_sum_of_squares(g: Tensor, dtype: torch.dtype) -> Tensor:
     rows = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(1, -1)
     return torch.linalg.vector_norm(rows, dim=-1, dtype=dtype).double().square().sum()
