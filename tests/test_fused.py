@@ -196,8 +196,9 @@ def test_finite_check_exact_despite_overflow():
 
 def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch):
     """C-AdamW's and C-MARS-AdamW's kept fraction (and MARS's clip) come from the read-only
-    pre-pass in the fused step; C-CAME (no cheap sign) counts inside its step. The fused path is
-    run here with its step function uncompiled (the compiler traces the same code)."""
+    pre-pass of the fused path; C-CAME (no cheap sign) counts inside its step, and its pre-pass
+    computes the row statistics of the factored matrices. The fused path is run here with its
+    step function uncompiled (the compiler traces the same code)."""
     prepassed = []
     prepass = engine.pipeline_prepass
 
@@ -212,7 +213,7 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
         reference = [p.clone() for p in params]
         fused = drive(build(name, params, "fused"), params, grads)
         assert_close(fused, drive(build(name, reference, "per_tensor"), reference, grads), torch.float32, name)
-    assert set(prepassed) == {("adamw", False), ("adamw", True)}
+    assert set(prepassed) == {("adamw", False), ("adamw", True), ("came_factored", False)}
 
 
 def _uncompiled_fused_path(monkeypatch):
@@ -230,7 +231,7 @@ def _uncompiled_fused_path(monkeypatch):
     return checked
 
 
-@pytest.mark.parametrize("name, huge", [("c-adamw", 3e38), ("mars-adamw", 1e20)])
+@pytest.mark.parametrize("name, huge", [("c-adamw", 3e38), ("mars-adamw", 1e20), ("came", 1.4e19)])
 def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     """On CPU the fused pre-pass (caution's count, MARS's clip) runs before any step and reads each
     gradient anyway: its probe checks those gradients, and only the others get the separate check.
@@ -242,8 +243,9 @@ def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     reference = [p.clone() for p in params]
     fused = drive(build(name, params, "fused"), params, grads)
     assert_close(fused, drive(build(name, reference, "per_tensor"), reference, grads), torch.float32, name)
-    # MARS's 1-D and 0-d parameters take its AdamW (no pre-pass); both paths check them separately
-    probed = [(3, 7), (7, 3)] + ([(2, 3, 3, 3)] if name == "c-adamw" else [])
+    # MARS's 1-D and 0-d parameters take its AdamW (no pre-pass), CAME's its unfactored rule
+    # (no pre-pass either); both paths check those separately
+    probed = [(3, 7), (7, 3)] + ([(2, 3, 3, 3)] if name != "mars-adamw" else [])
     separately = [s for s in SHAPES if s not in probed]
     assert sorted(checked) == sorted(separately * 2 + SHAPES * 2)  # 2 fused steps, 2 reference steps
 
@@ -258,10 +260,15 @@ def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     assert not any(opt.state[p] for p in fresh)
     assert all(torch.equal(p, q) for p, q in zip(fresh, before))
 
-    fresh[2].grad = torch.full((3, 7), huge)  # the sum (c-adamw) or the clip norm (MARS) overflows
+    fresh[2].grad = torch.full((3, 7), huge)  # the probe (sum, clip norm, row statistics) overflows
     opt.step()
     assert all(opt.state[p]["step"].item() == 1 for p in fresh)
-    assert torch.isfinite(fresh[2]).all()
+    reference = [p.clone().requires_grad_() for p in before]  # the same step on the reference path
+    for p, q in zip(reference, fresh):
+        p.grad = q.grad.clone()
+    build(name, reference, "per_tensor").step()
+    for p, q in zip(fresh, reference):  # CAME's own math overflows at this size, as the reference's
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @needs_compiler

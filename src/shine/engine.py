@@ -47,6 +47,9 @@ class Pipeline:
     tensor with the sign of the direction ``precondition`` will return; with it
     the fused path counts caution's kept fraction in a read-only pre-pass
     (:func:`pipeline_prepass`), so the step itself is one element-wise pass.
+    ``statistics`` takes ``precondition``'s arguments and returns, without writing anything,
+    a whole-tensor statistic of ``x`` that ``precondition`` then takes as ``stats=`` instead of
+    computing it (CAME's row means of ``x^2``): the pre-pass computes it.
     """
 
     precondition: Callable
@@ -58,12 +61,13 @@ class Pipeline:
     maximize: bool = False
     scalars: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     direction_sign: Callable | None = None
+    statistics: Callable | None = None
 
     @property
     def prepass(self) -> bool:
         """Whether the step needs whole-tensor quantities that a read-only pre-pass can compute
-        first (MARS's clip, caution's kept fraction with a ``direction_sign``)."""
-        return self.correction or (self.cautious and self.direction_sign is not None)
+        first (MARS's clip, caution's kept fraction with a ``direction_sign``, ``statistics``)."""
+        return self.correction or (self.cautious and self.direction_sign is not None) or self.statistics is not None
 
 
 def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, Any],
@@ -85,7 +89,8 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
     if pipe.correction and pipe.approx:
         state["prev_grad"].copy_(g)
-    u = pipe.precondition(x, *(state[name] for name in pipe.state), **{k: hyper[k] for k in pipe.hyper})
+    stats = {"stats": prepared["stats"]} if "stats" in prepared else {}
+    u = pipe.precondition(x, *_preconditioner_args(pipe, state), **_preconditioner_kwargs(pipe, hyper), **stats)
     if pipe.cautious:
         u = rules.caution(u, g, prepared.get("kept"))
     rules.apply_update(work, u, lr=hyper["lr"], decay=hyper["decay"])
@@ -100,19 +105,31 @@ def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, 
                      upcast: bool) -> dict[str, Any]:
     """The whole-tensor quantities the coming step of a ``pipe`` with a :attr:`Pipeline.prepass`
     needs before its element-wise pass, read from ``g`` and the state without writing them: the
-    MARS correction's clip (``"clip"``) and caution's kept fraction (``"kept"``). Also
-    ``"probe"``: a 0-d tensor that is finite exactly when every element of ``g`` is (the clip
-    norm, else the sum of ``g``; either can also overflow, which the exact check tells apart),
-    so the pre-pass doubles as the non-finite check."""
+    MARS correction's clip (``"clip"``), caution's kept fraction (``"kept"``) and the
+    preconditioner's ``statistics`` (``"stats"``). Also ``"probe"``: a 0-d tensor that is finite
+    exactly when every element of ``g`` is (the clip norm, else the statistics' sum, else the
+    sum of ``g``; each can also overflow, which the exact check tells apart), so the pre-pass
+    doubles as the non-finite check."""
     g, state, _ = _working_copies(pipe, g, state, hyper, upcast)
     prepared = {}
     if pipe.correction:
         prepared["clip"] = rules.mars_clip(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"])
+    x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
     if pipe.cautious and pipe.direction_sign is not None:
-        x = _estimate(pipe, g, state, hyper, prepared.get("clip"))
         prepared["kept"] = rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
-    prepared["probe"] = prepared["clip"] if pipe.correction else g.sum()
+    if pipe.statistics is not None:
+        prepared["stats"] = pipe.statistics(x, *_preconditioner_args(pipe, state), **_preconditioner_kwargs(pipe, hyper))
+    prepared["probe"] = (prepared["clip"] if pipe.correction
+                         else prepared["stats"].sum() if "stats" in prepared else g.sum())
     return prepared
+
+
+def _preconditioner_args(pipe: Pipeline, state: dict[str, Any]) -> list:
+    return [state[name] for name in pipe.state]
+
+
+def _preconditioner_kwargs(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
+    return {k: hyper[k] for k in pipe.hyper}
 
 
 def _working_copies(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], upcast: bool):

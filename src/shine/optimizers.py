@@ -341,7 +341,8 @@ class CAME(ShineOptimizer):
         else:
             pipe = Pipeline(rules.came_factored, ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
                                                   "exp_avg_res_col"),
-                            ("beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold"), **flags)
+                            ("beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold"),
+                            statistics=rules.came_row_statistics, **flags)
         return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]), beta1=beta1,
                           beta2=beta2, beta3=beta3, eps1=group["eps"][0], eps2=group["eps"][1],
                           clip_threshold=group["clip_threshold"])

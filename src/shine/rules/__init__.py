@@ -14,14 +14,14 @@ a parameter group.
 """
 from .adamw import adamw, adamw_bias_corrections
 from .apply import apply_update
-from .came import came_factored, came_unfactored, factored_shapes
+from .came import came_factored, came_row_statistics, came_unfactored, factored_shapes
 from .caution import caution, kept_fraction
 from .lion import lion, next_momentum
 from .mars import mars_clip, mars_correction, sign_momentum, orthogonal_momentum
 from .newton_schulz import newton_schulz5
 
 __all__ = [
-    "adamw", "adamw_bias_corrections", "apply_update", "came_factored", "came_unfactored", "factored_shapes", "caution",
+    "adamw", "adamw_bias_corrections", "apply_update", "came_factored", "came_row_statistics", "came_unfactored", "factored_shapes", "caution",
     "kept_fraction", "next_momentum",
     "lion", "mars_clip", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
 ]

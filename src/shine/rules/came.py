@@ -77,15 +77,24 @@ def _factored_rsqrt(row, col):
     return _row_rsqrt(row).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
 
 
+def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
+    """The row means of ``x^2 + eps1`` in the factored view, which :func:`came_factored` folds
+    into its row state first: read-only, so the fused path computes them in its pre-pass (where
+    they also serve as the non-finite check) and hands them to the step as ``stats``."""
+    x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+    return _mean(x * x + eps1, -1)
+
+
 @per_tensor
 def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
-                  beta1, beta2, beta3, eps1, eps2, clip_threshold):
-    """One CAME step for a matrix (or a stack of them); returns the update direction."""
+                  beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None):
+    """One CAME step for a matrix (or a stack of them); returns the update direction.
+    ``stats``: :func:`came_row_statistics` of ``x``, when already computed."""
     shape = x.shape
     x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
     m = exp_avg.view(x.shape)
     sq = x * x + eps1
-    exp_avg_sq_row.lerp_(_mean(sq, -1), 1 - beta2)
+    exp_avg_sq_row.lerp_(_mean(sq, -1) if stats is None else stats, 1 - beta2)
     row = _row_rsqrt(exp_avg_sq_row)
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
