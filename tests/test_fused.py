@@ -272,6 +272,21 @@ def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
 
 
 @needs_compiler
+@pytest.mark.parametrize("name", ["c-adamw", "came"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_compiled_prepass_catches_every_nonfinite_value(name, bad):
+    """The compiled probes (largest |g|, largest row statistic) propagate NaN and both infinities."""
+    params, grads = problem(torch.float32, steps=1)
+    opt = build(name, params, "fused")
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    params[3].grad[2, 1] = bad
+    with pytest.raises(RuntimeError, match=r"non-finite gradient \(NaN or inf\) in parameter #3"):
+        opt.step()
+    assert not any(opt.state[p] for p in params)
+
+
+@needs_compiler
 def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     """One graph serves every tensor size, so whether its loop runs on all threads must not depend
     on the size of the tensor that triggered the compile (a bias would make it serial)."""

@@ -107,9 +107,9 @@ def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, 
     needs before its element-wise pass, read from ``g`` and the state without writing them: the
     MARS correction's clip (``"clip"``), caution's kept fraction (``"kept"``) and the
     preconditioner's ``statistics`` (``"stats"``). Also ``"probe"``: a 0-d tensor that is finite
-    exactly when every element of ``g`` is (the clip norm, else the statistics' sum, else the
-    sum of ``g``; each can also overflow, which the exact check tells apart), so the pre-pass
-    doubles as the non-finite check."""
+    exactly when every element of ``g`` is (the clip norm, else the largest statistic, else the
+    largest ``|g|``; the first two can also overflow, which the exact check tells apart), so
+    the pre-pass doubles as the non-finite check."""
     g, state, _ = _working_copies(pipe, g, state, hyper, upcast)
     prepared = {}
     if pipe.correction:
@@ -119,8 +119,10 @@ def pipeline_prepass(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, 
         prepared["kept"] = rules.kept_fraction(pipe.direction_sign(x, state["exp_avg"], beta1=hyper["beta1"]), g)
     if pipe.statistics is not None:
         prepared["stats"] = pipe.statistics(x, *_preconditioner_args(pipe, state), **_preconditioner_kwargs(pipe, hyper))
+    # a max, not a sum: inductor picks a summing helper from the reduction's size and guards on
+    # it, which compiled CAME's pre-pass twice (over and under 4096 rows)
     prepared["probe"] = (prepared["clip"] if pipe.correction
-                         else prepared["stats"].sum() if "stats" in prepared else g.sum())
+                         else prepared["stats"].amax() if "stats" in prepared else g.abs().amax())
     return prepared
 
 
