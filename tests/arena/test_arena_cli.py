@@ -45,8 +45,11 @@ def test_quick_run_writes_every_optimizer_table_and_figure(tmp_path, capsys):
 def test_same_arguments_give_the_same_losses(tmp_path):
     for out in ("a", "b"):
         assert arena("--optimizers", "adamw", *SMALL, out=tmp_path / out) == 0
-    losses = [json.loads((tmp_path / out / "results.json").read_text())["runs"][0]["train_losses"] for out in "ab"]
-    assert losses[0] == losses[1]
+    runs = [json.loads((tmp_path / out / "results.json").read_text())["runs"][0] for out in "ab"]
+    assert runs[0]["train_losses"] == runs[1]["train_losses"]
+    assert runs[0]["grad_norms"] == runs[1]["grad_norms"]
+    norms = runs[0]["grad_norms"]  # the norm before the clip, one per step
+    assert len(norms) == len(runs[0]["train_losses"]) and all(n > 0 for n in norms)
 
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):

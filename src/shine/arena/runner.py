@@ -141,6 +141,7 @@ def train_run(
     batches = corpus.train_batches(task.batch_size, task.seq_len, seed)
     val_batches = corpus.val_batches(task.batch_size, task.seq_len, EVAL_WINDOWS)
     train_losses: list[float] = []
+    grad_norms: list[float] = []  # the global gradient norm before the clip, each step
     val_curve: list[tuple[int, float]] = []
     train_time = 0.0
     for step in range(1, task.steps + 1):
@@ -158,6 +159,7 @@ def train_run(
             torch.cuda.synchronize(task.device)  # so the timing covers the step's kernels
         train_time += time.perf_counter() - start
         train_losses.append(loss_value)
+        grad_norms.append(opt.last_grad_norm)
         on_step(loss_value)
         if step % task.eval_every == 0 or step == task.steps:
             val_curve.append((step, evaluate(model, val_batches, task.device)))
@@ -174,6 +176,8 @@ def train_run(
         "final_train_loss": None if diverged else sum(tail) / len(tail),
         "val_curve": [(s, _finite_or_none(v)) for s, v in val_curve],
         "train_losses": train_losses,
+        "grad_norms": grad_norms,
+        "clipped_fraction": sum(n > GRAD_CLIP for n in grad_norms) / steps_done,
         "time_per_step_s": train_time / steps_done,
         "tokens_per_s": task.batch_size * task.seq_len * steps_done / max(train_time, 1e-9),
         "state_mb": shine.optimizer_state_bytes(opt) / 1e6,
