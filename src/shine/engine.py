@@ -9,9 +9,15 @@ boxes are composed, and every path calls it:
 - ``"per_tensor"``: a Python loop, one tensor at a time (the reference);
 - ``"foreach"``: once, on :class:`TensorList` s (multi-tensor kernels);
 - ``"fused"``: the per-tensor loop traced by ``torch.compile`` into fused kernels,
-  with every float hyperparameter passed as a 0-d float64 tensor so that a scheduler
+  with the float hyperparameters packed in one float64 tensor so that a scheduler
   never triggers a recompile. This module is the only one that knows about
   ``torch.compile``.
+
+Whole-tensor quantities a step needs before its element-wise pass (MARS's clip, caution's
+kept fraction, CAME's row statistics) come from :func:`pipeline_prepass`, which only reads;
+on the fused path it can run for a whole bucket first (:func:`prepare_bucket`) and then
+doubles as the non-finite check of the gradients it read. The other checks are here too:
+:func:`grads_finite` and the global norm of ``max_grad_norm`` (:func:`grad_norm`).
 """
 from __future__ import annotations
 
