@@ -236,7 +236,8 @@ def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     """On CPU the fused pre-pass (caution's count, MARS's clip) runs before any step and reads each
     gradient anyway: its probe checks those gradients, and only the others get the separate check.
     A NaN behind a probe still stops the step with nothing written, not even the first step's
-    fresh state; a probe that overflows on finite values lets the step go on."""
+    fresh state; huge finite gradients let the step go on, also where the probe overflows (MARS's
+    clip norm, CAME's row statistics; caution's largest |g| cannot)."""
     checked = _uncompiled_fused_path(monkeypatch)
     monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 10)  # 0-d and (5,) take the multi-tensor path
     params, grads = problem(torch.float32, steps=2)
@@ -260,7 +261,7 @@ def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     assert not any(opt.state[p] for p in fresh)
     assert all(torch.equal(p, q) for p, q in zip(fresh, before))
 
-    fresh[2].grad = torch.full((3, 7), huge)  # the probe (sum, clip norm, row statistics) overflows
+    fresh[2].grad = torch.full((3, 7), huge)  # MARS's and CAME's probes overflow; c-adamw's is 3e38
     opt.step()
     assert all(opt.state[p]["step"].item() == 1 for p in fresh)
     reference = [p.clone().requires_grad_() for p in before]  # the same step on the reference path

@@ -169,7 +169,7 @@ class ShineOptimizer(Optimizer):
             return False
         fresh = {p: set(self.state[p]) for p in params if "step" not in self.state[p]}
         probe = self.max_grad_norm is None and self.nonfinite != "ignore"  # pre-passes as the check
-        runs = []
+        runs, probed = [], []
         for group, ps in active:
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
             for p in ps:
@@ -186,8 +186,9 @@ class ShineOptimizer(Optimizer):
                                                                    [p.grad for p in bucket],
                                                                    [self.state[p] for p in bucket])
                 prepared = engine.prepare_bucket(path, pipe, bucket, grads, states, hyper) if probe else None
+                probed += engine.prepared_probes(grads, prepared)
                 runs.append((path, pipe, bucket, grads, states, hyper, prepared))
-        if probe and not self._gradients_finite(params, runs):
+        if probe and not self._gradients_finite(params, probed):
             for p, keys in fresh.items():  # the state created above for this step goes again
                 for key in set(self.state[p]) - keys:
                     del self.state[p][key]
@@ -215,11 +216,11 @@ class ShineOptimizer(Optimizer):
         return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
     @staticmethod
-    def _gradients_finite(params: list[Tensor], runs: list[tuple]) -> bool:
-        """Whether every gradient is finite: from the pre-pass probes where the fused buckets made
-        them (one host synchronisation), by a check of their own (:func:`shine.engine.grads_finite`)
-        for the rest. A non-finite probe from finite values (overflow) is settled exactly."""
-        probed = [pair for run in runs for pair in engine.prepared_probes(run[3], run[6])]
+    def _gradients_finite(params: list[Tensor], probed: list[tuple[Tensor, Tensor]]) -> bool:
+        """Whether every gradient is finite: from the ``(gradient, probe)`` pairs of the fused
+        pre-passes where there are some (one host synchronisation), by a check of their own
+        (:func:`shine.engine.grads_finite`) for the rest. A non-finite probe from finite values
+        (overflow) is settled exactly."""
         seen = {id(g) for g, _ in probed}
         rest = [p.grad for p in params if id(p.grad) not in seen]
         if rest and not distributed.grads_finite(rest, engine.grads_finite):

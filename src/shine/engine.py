@@ -237,7 +237,7 @@ def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[
             continue
         _, g, state, key = _fused_args(pipe, p, g, s)
         try:
-            prepared.append(_call_compiled(fused_prepass, pipe, key, pipe, g, state, packed, floats, flags, upcast))
+            prepared.append(_call_compiled(fused_prepass, key, pipe, g, state, packed, floats, flags, upcast))
         except _CompileFailed:
             return None
     return prepared
@@ -336,7 +336,7 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared=None) -> N
         p, g, state, key = _fused_args(pipe, p, g, s)
         prep = None if prep is None else {k: v for k, v in prep.items() if k != "probe"}
         try:
-            _call_compiled(fused_step, pipe, key, pipe, p, g, state, packed, floats, flags, prep)
+            _call_compiled(fused_step, key, pipe, p, g, state, packed, floats, flags, prep)
         except _CompileFailed:
             return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
 
@@ -364,9 +364,11 @@ class _CompileFailed(Exception):
     """Compiling a pipeline's step failed (nothing was written): it now takes the multi-tensor path."""
 
 
-def _call_compiled(fn: Callable, pipe: Pipeline, key: tuple, *args: Any) -> Any:
+def _call_compiled(fn: Callable, key: tuple, *args: Any) -> Any:
     """``_compiled(fn, key)(*args)``. A failure of the first call of a key is a compile failure:
-    the pipeline is marked broken with one warning, and :class:`_CompileFailed` is raised."""
+    the key's pipeline (``key[0]``) is marked broken with one warning, and :class:`_CompileFailed`
+    is raised."""
+    pipe = key[0]
     try:
         out = _compiled(fn, key)(*args)
     except Exception as err:  # compiling failed (before any tensor of this call was touched)
