@@ -333,3 +333,44 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
     assert sorted(compiled_sizes) == sorted([(fn, n) for fn in ("fused_prepass", "fused_step")
                                              for n in (21, 21, 54)] * 2)
     assert_close(fused, drive(build("c-adamw", reference, "per_tensor"), reference, grads), torch.float32)
+
+
+def _double(x):
+    return x * 2 + 1
+
+
+@needs_compiler
+def test_cached_graphs_run_without_dynamo_frame_and_guards_still_choose(monkeypatch):
+    """After the first call of a key, its graphs run straight from dynamo's cache: the first
+    entry whose guards pass, so a tensor the cached graphs do not fit (another dtype here) still
+    compiles a graph of its own, and the results are the plain compiled call's."""
+    hits = []
+    call_cached = engine._call_cached
+
+    def spy(compiled, args):
+        out = call_cached(compiled, args)
+        hits.append(out is not engine._MISS)
+        return out
+
+    monkeypatch.setattr(engine, "_call_cached", spy)
+    key = ("cached-graphs-test",)
+    for x in (torch.arange(5.0), torch.arange(7.0), torch.arange(6), torch.arange(9), torch.arange(3.0)):
+        torch.testing.assert_close(engine._call_compiled(_double, key, x), x * 2 + 1, rtol=0, atol=0)
+    # float 5: compiles; float 7: cached (dynamic size); int: guards fail, compiles; int 9, float 3: cached
+    assert hits == [False, True, False, True, True]
+    with torch.compiler.set_stance("force_eager"):
+        assert engine._call_cached(engine._compiled(_double, key), (torch.arange(4.0),)) is engine._MISS
+
+
+@needs_compiler
+def test_cached_graph_calls_equal_dynamo_calls(monkeypatch):
+    """A fused optimizer stepping through dynamo's cache gives bit for bit what it gives through
+    dynamo's frame evaluation (the same compiled graphs)."""
+    params, grads = problem(torch.float32, steps=3)
+    copies = [p.clone() for p in params]
+    direct = drive(build("c-came", params, "fused"), params, grads)
+    monkeypatch.setattr(engine, "_call_cached", lambda compiled, args: engine._MISS)
+    through_dynamo = drive(build("c-came", copies, "fused"), copies, grads)
+    for a_t, e_t in zip(direct, through_dynamo):
+        for a, e in zip(a_t, e_t):
+            assert torch.equal(a, e)

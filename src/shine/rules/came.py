@@ -55,21 +55,28 @@ def _column_mean(t):
     walks a plain column sum down each column, one whole row's stride per element (0.45 ns per
     element of a 50257x768 matrix on the 2-core CPU); the blocked form reads 16 rows side by
     side (0.22 ns), so CAME's two column passes cost little more than its row passes. Only the
-    order of the additions differs from the plain sum. Matrices of fewer than 16 rows take the
-    plain sum (a size guard, so a graph of their own): inductor fails to lower the blocked form
-    when the compile's example has no whole block.
+    order of the additions differs from the plain sum. The last 2 to 17 rows are summed plainly:
+    a remainder of 0 or 1 rows is a size the compiler specialises, which gave matrices whose rows
+    divide by 16 and those with one row over (GPT-2's embedding) a graph each. Matrices of fewer
+    than 18 rows take the plain sum (a size guard, so a graph of their own): inductor fails to
+    lower the blocked form when the compile's example has no whole block.
     """
     n = t.shape[-2]
-    if not torch.compiler.is_compiling() or n < _COLUMN_BLOCK:
+    if not torch.compiler.is_compiling() or n < _COLUMN_BLOCK + 2:
         return _mean(t, -2)
-    whole = n // _COLUMN_BLOCK * _COLUMN_BLOCK
+    whole = (n - 2) // _COLUMN_BLOCK * _COLUMN_BLOCK
     blocks = t[..., :whole, :].unflatten(-2, (whole // _COLUMN_BLOCK, _COLUMN_BLOCK)).sum(-2).sum(-2)
     return (blocks + t[..., whole:, :].sum(-2)) / n
 
 
 def _row_rsqrt(row):
-    """``rsqrt(row / mean(row))``: the row half of Adafactor's rank-1 inverse root (``rsqrt(col)`` the other)."""
-    return hoist((row / _mean(row, -1, keepdim=True)).rsqrt())
+    """``rsqrt(row / mean(row))``: the row half of Adafactor's rank-1 inverse root (``rsqrt(col)`` the other).
+
+    The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
+    and guards on the count, which gave matrices of over and under 4096 rows a graph each.
+    """
+    mean = (row.sum(-1, keepdim=True, dtype=torch.float64) / row.shape[-1]).to(row.dtype)
+    return hoist((row / mean).rsqrt())
 
 
 def _factored_rsqrt(row, col):
