@@ -1,4 +1,5 @@
 """TensorList: the multi-tensor path computes what the per-tensor path computes."""
+import pytest
 import torch
 
 from shine import rules
@@ -46,3 +47,25 @@ def test_rules_run_unchanged_on_tensor_lists():
 def test_per_tensor_maps_over_lists():
     double = per_tensor(lambda t, *, k: t * k)
     assert [t.item() for t in double(TensorList([torch.tensor(1.0), torch.tensor(2.0)]), k=3)] == [3.0, 6.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_number_operands_give_the_per_tensor_bits(dtype):
+    """On CPU a number operand enters the foreach kernels as a 0-d tensor (faster there); the
+    results stay bit for bit what per-tensor arithmetic with the number gives. (The rules only
+    do arithmetic in fp32/fp64; bf16 lists keep the number, and there torch's own foreach and
+    per-tensor kernels already round differently.)"""
+    ops = {
+        "add": lambda x, c: x + c, "sub": lambda x, c: x - c, "mul": lambda x, c: x * c,
+        "div": lambda x, c: x / c, "rsub": lambda x, c: c - x, "radd": lambda x, c: c + x,
+        "rmul": lambda x, c: c * x, "clamp_min": lambda x, c: x.clamp_min(c),
+        "add_": lambda x, c: x.add_(c), "sub_": lambda x, c: x.sub_(c),
+        "mul_": lambda x, c: x.mul_(c), "div_": lambda x, c: x.div_(c),
+    }
+    for c in (0.7, 1 / 3, 1e-8, 0.999, 2, -1.5, 1 - 0.9 ** 7):
+        for name, op in ops.items():
+            a = [t.to(dtype) for t in _lists(3)]
+            expected = [op(t.clone(), c) for t in a]
+            got = op(TensorList(a), c)
+            for g, e in zip(got, expected):
+                assert g.dtype == e.dtype and torch.equal(g, e), f"{name} {c} {dtype}"
