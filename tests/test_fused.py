@@ -179,6 +179,21 @@ def test_grad_norm_of_every_layout_and_dtype():
     assert engine.grad_norm(huge, dtype=torch.float64) == pytest.approx(5e30, rel=1e-7)
 
 
+def test_grad_norm_does_not_depend_on_memory_alignment():
+    """The same gradients at 16 different offsets in memory give the same bits (BLAS ``dot`` did
+    not, which made runs clipped with ``max_grad_norm`` differ between processes)."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (3000, 777, 20000)] + [torch.randn(300, 400, generator=gen)]
+    norms = set()
+    for offset in range(16):
+        placed = []
+        for g in grads:
+            buffer = torch.empty(g.numel() + offset)
+            placed.append(buffer[offset:].view(g.shape).copy_(g))
+        norms.add(engine.grad_norm(placed))
+    assert len(norms) == 1, norms
+
+
 def test_finite_check_exact_despite_overflow():
     """The fast screen (a sum) overflows for huge finite gradients; the exact check then decides."""
     big = torch.full((4,), 3e38)

@@ -532,9 +532,12 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     rows' squares summed in float64): as fast as a plain sum there, and accurate. On a random
     50257x768 matrix the whole-tensor float32 norm (what ``_foreach_norm`` and ``clip_grad_norm_``
     compute on CPU) is off by 2.7e-3 relative, the square root of ``dot(g, g)`` by 3.5e-4; by rows,
-    1e-10. Small tensors, where a float32 ``dot`` is accurate (about 1e-7 under 64K elements),
-    take one ``dot`` each: their per-call cost, not their bytes, is what counts (98 of GPT-2
-    small's 148 tensors). Other devices get one multi-tensor norm kernel.
+    1e-10. Small tensors (under 64K elements) share one multi-tensor norm, accurate in float32
+    there (1.1e-6 relative at 65535 elements): their per-call cost, not their bytes, is what
+    counts (98 of GPT-2 small's 148 tensors). Not BLAS ``dot``, as fast but dependent on the
+    data's memory alignment (two values over 16 offsets of one vector): the clip then differed
+    in its last bits between processes. Every reduction here sums by index, so the norm is the
+    same bits wherever the gradients lie. Other devices get one multi-tensor norm kernel.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
@@ -545,13 +548,10 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
         if device.type != "cpu":
             squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
         else:
-            def by_dot(g: Tensor) -> bool:
-                return g.numel() < _ROWWISE_MIN_NUMEL and g.dtype == dtype and g.is_contiguous()
-
-            squares = [_rowwise_sum_of_squares(g, dtype) for g in gs if not by_dot(g)]
-            small = [g.view(-1) for g in gs if by_dot(g)]
+            squares = [_rowwise_sum_of_squares(g, dtype) for g in gs if g.numel() >= _ROWWISE_MIN_NUMEL]
+            small = [g for g in gs if g.numel() < _ROWWISE_MIN_NUMEL]
             if small:
-                squares.append(torch.stack([torch.dot(v, v) for v in small]).double().sum())
+                squares.append(torch.stack(torch._foreach_norm(small, 2, dtype=dtype)).double().square().sum())
         total += torch.stack(squares).sum().item()
     return math.sqrt(total)
 
