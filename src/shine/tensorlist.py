@@ -65,6 +65,7 @@ class TensorList:
     def __sub__(self, o): return self._binary(torch._foreach_sub, o)
     def __mul__(self, o): return self._binary(torch._foreach_mul, o)
     def __truediv__(self, o): return self._binary(torch._foreach_div, o)
+    # a 0-d tensor exponent changes pow's results in the last bit: the number stays a number
     def __pow__(self, o): return TensorList(torch._foreach_pow(self.tensors, self._arg(o)))
     __radd__ = __add__
     __rmul__ = __mul__
