@@ -412,7 +412,10 @@ def _call_cached(compiled: Callable, args: tuple) -> Any:
         return _MISS
     frame_locals = dict(zip(original.__code__.co_varnames, args))
     for entry in entries:
-        if entry.guard_manager.check(frame_locals):
+        guards = getattr(entry, "guard_manager", None)  # older torch releases keep them otherwise: no shortcut
+        if guards is None:
+            return _MISS
+        if guards.check(frame_locals):
             run = _ENTRY_FUNCTIONS.get(entry.code)
             if run is None:
                 run = _ENTRY_FUNCTIONS[entry.code] = types.FunctionType(entry.code, original.__globals__)
