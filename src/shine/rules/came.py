@@ -34,14 +34,15 @@ def _rms(t):
     return t.norm() / math.sqrt(t.numel())
 
 
-def _mean(t, dim, keepdim=False):
-    """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device).
+def _mean(t, dim, keepdim=False, dtype=None):
+    """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
+    ``dtype`` when given (the result is then in ``dtype``).
 
     On a DTensor sharded along ``dim`` the sum is a ``Partial`` that costs one
     all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
     dim makes DTensor all-gather the whole tensor first.
     """
-    return t.sum(dim=dim, keepdim=keepdim) / t.shape[dim]
+    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / t.shape[dim]
 
 
 #: Rows per block of :func:`_column_mean` under the compiler (16 measured best of 4-32).
@@ -75,8 +76,7 @@ def _row_rsqrt(row):
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    mean = (row.sum(-1, keepdim=True, dtype=torch.float64) / row.shape[-1]).to(row.dtype)
-    return hoist((row / mean).rsqrt())
+    return hoist((row / _mean(row, -1, keepdim=True, dtype=torch.float64).to(row.dtype)).rsqrt())
 
 
 def _factored_rsqrt(row, col):
@@ -84,11 +84,16 @@ def _factored_rsqrt(row, col):
     return _row_rsqrt(row).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
 
 
+def _factored_view(x, exp_avg_sq_row, exp_avg_sq_col):
+    """``x`` as the ``[..., n, m]`` matrices its row and column states factor."""
+    return x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+
+
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
     """The row means of ``x^2 + eps1`` in the factored view, which :func:`came_factored` folds
     into its row state first: read-only, so the fused path computes them in its pre-pass (where
     they also serve as the non-finite check) and hands them to the step as ``stats``."""
-    x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+    x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     return _mean(x * x + eps1, -1)
 
 
@@ -98,7 +103,7 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     """One CAME step for a matrix (or a stack of them); returns the update direction.
     ``stats``: :func:`came_row_statistics` of ``x``, when already computed."""
     shape = x.shape
-    x = x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+    x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = exp_avg.view(x.shape)
     sq = x * x + eps1
     exp_avg_sq_row.lerp_(_mean(sq, -1) if stats is None else stats, 1 - beta2)
