@@ -124,27 +124,50 @@ def _assert_falls_back(name, seed, expected_words):
             assert torch.equal(a, e)
 
 
-def test_fallback_without_compiler_warns_once(monkeypatch):
-    """fused=True without a compiler: one warning, then the multi-tensor path's numbers."""
-    monkeypatch.setattr(engine, "compiler_available", lambda device_type: False)
+def _failing_compiler(monkeypatch, probe_works: bool) -> list:
+    """Every compile of a pipeline fails; the device's probe works or not. Returns the list of
+    the compiles tried (fn name, pipeline key)."""
+    tried = []
+
+    def broken(fn, key):
+        def fail(*args):
+            tried.append((fn.__name__, key))
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    def probe(device_type):
+        if not probe_works:
+            engine._COMPILER_ERRORS[device_type] = "RuntimeError: no C++ compiler"
+        return probe_works
+
+    monkeypatch.setattr(engine, "compiler_available", probe)
+    monkeypatch.setattr(engine, "_compiled", broken)
+    monkeypatch.setattr(engine, "_COMPILER_ERRORS", {})
     monkeypatch.setattr(validation, "_WARNED", set())
-    _assert_falls_back("mars-adamw", 2, "multi-tensor")
+    monkeypatch.setattr(engine, "_BROKEN", set())
+    monkeypatch.setattr(engine, "_COMPILED_OK", set())
+    return tried
+
+
+def test_fallback_without_compiler_warns_once(monkeypatch):
+    """fused=True where the compiler does not work at all (its probe, run after the first failed
+    compile, fails too): one warning naming the device, the multi-tensor path's numbers, and no
+    compile tried after the first step, for any pipeline on that device."""
+    tried = _failing_compiler(monkeypatch, probe_works=False)
+    _assert_falls_back("mars-adamw", 2, "does not work on cpu")
+    assert len(tried) == 1
+    assert engine.choose_path(True, None, torch.device("cpu"), 10) == "foreach"
+    assert engine.choose_path(None, None, torch.device("cpu"), engine.AUTO_FUSE_MIN_NUMEL["cpu"]) == "foreach"
 
 
 def test_fallback_when_compiling_fails(monkeypatch):
     """A compiler that works for the probe but fails on a pipeline: one warning, that pipeline
-    runs on the multi-tensor path, and no tensor is stepped twice or skipped."""
-    def broken(fn, key):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-        return fail
-
-    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
-    monkeypatch.setattr(engine, "_compiled", broken)
-    monkeypatch.setattr(validation, "_WARNED", set())
-    monkeypatch.setattr(engine, "_BROKEN", set())
-    monkeypatch.setattr(engine, "_COMPILED_OK", set())
+    runs on the multi-tensor path, and no tensor is stepped twice or skipped; other pipelines
+    still compile."""
+    tried = _failing_compiler(monkeypatch, probe_works=True)
     _assert_falls_back("c-adamw", 3, "no C++ compiler")
+    assert len(tried) == 1 and engine._BROKEN == {tried[0][1][0]}
+    assert engine.choose_path(True, None, torch.device("cpu"), 10) == "fused"
 
 
 def test_auto_choice():
@@ -234,7 +257,6 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
 def _uncompiled_fused_path(monkeypatch):
     """The fused path's code run without compiling (the compiler traces the same code)."""
     monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
-    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
     checked = []
     grads_finite = engine.grads_finite
 
@@ -324,7 +346,6 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
     """Under ``FUSED_MIN_TENSOR_NUMEL`` elements a compiled call costs more than it saves, so those
     tensors run on the multi-tensor path in one go; the rest compile. Both give the reference's numbers."""
     monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 10)
-    monkeypatch.setattr(engine, "compiler_available", lambda device_type: True)
     compiled_sizes, foreach_sizes = [], []
     run_foreach = engine._run_foreach
 

@@ -186,7 +186,8 @@ class ShineOptimizer(Optimizer):
                                                                    [p.grad for p in bucket],
                                                                    [self.state[p] for p in bucket])
                 prepared = engine.prepare_bucket(path, pipe, bucket, grads, states, hyper) if probe else None
-                probed += engine.prepared_probes(grads, prepared)
+                if prepared is not None:
+                    probed += prepared.probes
                 runs.append((path, pipe, bucket, grads, states, hyper, prepared))
         if probe and not self._gradients_finite(params, probed):
             for p, keys in fresh.items():  # the state created above for this step goes again

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 import types
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -198,7 +198,7 @@ def _dtype_of(p) -> torch.dtype:
 
 def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tensor],
                states: list[dict[str, Tensor]], hyper: dict[str, Any],
-               prepared: list[dict[str, Any] | None] | None = None) -> None:
+               prepared: PreparedBucket | None = None) -> None:
     """Apply one step of ``pipe`` to every tensor of a bucket on the chosen execution path;
     ``prepared`` is what :func:`prepare_bucket` returned for it."""
     hyper = _with_scalars(pipe, hyper)
@@ -214,33 +214,43 @@ def run_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tens
 
 
 def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[Tensor],
-                   states: list[dict[str, Tensor]], hyper: dict[str, Any]) -> list[dict[str, Any] | None] | None:
+                   states: list[dict[str, Tensor]], hyper: dict[str, Any]) -> PreparedBucket | None:
     """Run the read-only pre-pass (:func:`pipeline_prepass`) of a fused bucket, before any tensor
     of any bucket is stepped, so that it doubles as the non-finite check of the gradients it
     reads; ``None`` where there is none (other paths, pipelines without one, devices not in
-    :data:`PREPASS_CHECK_DEVICES`: there the step computes it in its own graph).
-
-    Returns one entry per tensor: its prepared quantities, with the ``"probe"`` that makes the
-    pre-pass the non-finite check of that gradient (see :func:`prepared_probes`), or ``None``
-    for the small tensors that take the multi-tensor path (:data:`FUSED_MIN_TENSOR_NUMEL`).
+    :data:`PREPASS_CHECK_DEVICES`: there the step computes it in its own graph). The result goes
+    to :func:`run_bucket`, which then reuses its arguments instead of building them again.
     """
-    if (path != "fused" or not pipe.prepass or pipe in _BROKEN
+    if (path != "fused" or not pipe.prepass or not _fusable(pipe, params[0].device)
             or params[0].device.type not in PREPASS_CHECK_DEVICES):
         return None
     hyper = _with_scalars(pipe, hyper)
-    packed, floats, flags = _packed(hyper, params[0].device)
+    packed = _packed(hyper, params[0].device)
     upcast = _dtype_of(params[0]) in LOW_PRECISION
-    prepared: list[dict[str, Any] | None] = []
+    calls, probes = [], []
     for p, g, s in zip(params, grads, states):
         if p.numel() < FUSED_MIN_TENSOR_NUMEL:
-            prepared.append(None)
             continue
-        _, g, state, key = _fused_args(pipe, p, g, s)
+        args = _fused_args(pipe, p, g, s)
         try:
-            prepared.append(_call_compiled(fused_prepass, key, pipe, g, state, packed, floats, flags, upcast))
+            results = _call_compiled(fused_prepass, args.key, pipe, args.g, args.state, *packed, upcast)
         except _CompileFailed:
             return None
-    return prepared
+        probes.append((g, results.pop("probe")))
+        calls.append((args, results))
+    return PreparedBucket(packed, calls, probes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBucket:
+    """What :func:`prepare_bucket` computed for a fused bucket: the packed hyperparameters; for
+    each tensor that compiles (in order), its compiled-step arguments and pre-pass results; and
+    ``probes``, ``(gradient, probe)`` pairs, each probe a 0-d tensor that is finite exactly when
+    that gradient is (see :func:`pipeline_prepass`)."""
+
+    packed: tuple[Tensor, tuple[str, ...], dict[str, Any]]
+    calls: list[tuple[FusedArgs, dict[str, Any]]]
+    probes: list[tuple[Tensor, Tensor]]
 
 
 #: Devices on which a fused bucket's pre-pass runs as a compiled call of its own, before any step,
@@ -249,11 +259,6 @@ def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[
 #: memory bandwidth bounds the step (CPU). On CUDA the host time of the calls already exceeds the
 #: kernels' for GPT-2-sized models, so the pre-pass stays inside the step's graph there.
 PREPASS_CHECK_DEVICES = frozenset({"cpu"})
-
-
-def prepared_probes(grads: list[Tensor], prepared: list[dict[str, Any] | None] | None) -> list[tuple[Tensor, Tensor]]:
-    """``(gradient, probe)`` for each gradient of a bucket that :func:`prepare_bucket` pre-passed."""
-    return [(g, prep["probe"]) for g, prep in zip(grads, prepared or ()) if prep is not None]
 
 
 def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
@@ -272,19 +277,22 @@ AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cuda": 0, "cpu": 4_000_000}
 def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
     """The execution path for a bucket of ``numel`` elements, from the user's ``fused``/``foreach`` flags.
 
-    ``fused=True``: fused when a compiler works for the device (else one warning, multi-tensor);
-    ``fused=None``: fused when the compiler works and the bucket is large enough for the device
-    (:data:`AUTO_FUSE_MIN_NUMEL`), unless ``foreach=False`` asks for the reference loop;
+    ``fused=True``: fused unless the compiler is known not to work on the device (then one
+    warning, multi-tensor); ``fused=None``: the same, where the bucket is large enough for the
+    device (:data:`AUTO_FUSE_MIN_NUMEL`), unless ``foreach=False`` asks for the reference loop;
     ``fused=False``: never. Otherwise ``foreach=False`` picks the per-tensor loop, else multi-tensor.
+
+    Whether the compiler works is learnt from the first compile that fails
+    (:func:`_call_compiled`), not probed up front: the probe's own compile took 1-2 s of the
+    first step on the 2-core CPU (CAME, empty inductor cache: 17.8 s with it, 16.4 without).
     """
     if fused:
-        if compiler_available(device.type):
+        if device.type not in _COMPILER_ERRORS:
             return "fused"
-        warn_once(f"shine: fused=True but torch.compile does not work on {device.type} "
-                   f"({_COMPILER_ERRORS.get(device.type, 'unknown error')}); using the multi-tensor path")
+        warn_once(_no_compiler(device.type))
     elif fused is None and foreach is not False:
         threshold = AUTO_FUSE_MIN_NUMEL.get(device.type)
-        if threshold is not None and numel >= threshold and compiler_available(device.type):
+        if threshold is not None and numel >= threshold and device.type not in _COMPILER_ERRORS:
             return "fused"
     return "per_tensor" if foreach is False else "foreach"
 
@@ -316,30 +324,36 @@ _BROKEN: set[Pipeline] = set()
 FUSED_MIN_TENSOR_NUMEL = 8192
 
 
-def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared=None) -> None:
+def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedBucket | None = None) -> None:
     """One compiled call per tensor, of :func:`fused_step`, traced with dynamic shapes, so one
-    graph per (pipeline, dtypes, rank) serves every tensor size. The float hyperparameters (lr,
-    betas, step, ...) enter as one float64 tensor, so a scheduler changing lr or the step count
-    never recompiles. Tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take the
+    graph per (pipeline, device, dtypes, rank) serves every tensor size. The float hyperparameters
+    (lr, betas, step, ...) enter as one float64 tensor, so a scheduler changing lr or the step
+    count never recompiles. Tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take the
     multi-tensor path (the same math), and so never cost a graph of their own (sizes 0 and 1
-    would each be specialised). ``prepared``: :func:`prepare_bucket`'s pre-pass results."""
-    if pipe in _BROKEN:
+    would each be specialised). ``prepared``: :func:`prepare_bucket`'s result for the bucket."""
+    if not _fusable(pipe, params[0].device):
         return _run_foreach(pipe, params, grads, states, hyper)
     small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
-    prepared = prepared or [None] * len(params)
     if any(small):
         _run_foreach(pipe, *(_where(small, seq, True) for seq in (params, grads, states)), hyper)
-        params, grads, states, prepared = (_where(small, seq, False) for seq in (params, grads, states, prepared))
+        params, grads, states = (_where(small, seq, False) for seq in (params, grads, states))
         if not params:
             return
-    packed, floats, flags = _packed(hyper, params[0].device)
-    for i, (p, g, s, prep) in enumerate(zip(params, grads, states, prepared)):
-        p, g, state, key = _fused_args(pipe, p, g, s)
-        prep = None if prep is None else {k: v for k, v in prep.items() if k != "probe"}
+    if prepared is None:
+        packed = _packed(hyper, params[0].device)
+        calls = [(_fused_args(pipe, p, g, s), None) for p, g, s in zip(params, grads, states)]
+    else:
+        packed, calls = prepared.packed, prepared.calls
+    for i, (args, results) in enumerate(calls):
         try:
-            _call_compiled(fused_step, key, pipe, p, g, state, packed, floats, flags, prep)
+            _call_compiled(fused_step, args.key, pipe, *args[:3], *packed, results)
         except _CompileFailed:
             return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
+
+
+def _fusable(pipe: Pipeline, device: torch.device) -> bool:
+    """Whether ``pipe`` on ``device`` still compiles: no compile of it, nor the device's, failed."""
+    return pipe not in _BROKEN and device.type not in _COMPILER_ERRORS
 
 
 def _packed(hyper: dict[str, Any], device: torch.device) -> tuple[Tensor, tuple[str, ...], dict[str, Any]]:
@@ -351,14 +365,24 @@ def _packed(hyper: dict[str, Any], device: torch.device) -> tuple[Tensor, tuple[
     return packed, floats, {k: v for k, v in hyper.items() if k not in floats}
 
 
-def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]):
-    """A tensor's parameter, gradient and state as the compiled step takes them (1-D views for
-    the shape-free preconditioners), and the key of its compiled graph."""
+class FusedArgs(NamedTuple):
+    """A tensor's parameter, gradient and state as the compiled step takes them, and the key of
+    its compiled graph: (pipeline, device type, rank, dtypes)."""
+
+    p: Tensor
+    g: Tensor
+    state: dict[str, Tensor]
+    key: tuple
+
+
+def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]) -> FusedArgs:
+    """The compiled step's arguments for one tensor: 1-D views for the shape-free preconditioners."""
     state = {n: s[n] for n in _state_names(pipe)}
     if (pipe.precondition in _SHAPE_FREE and p.is_contiguous() and g.is_contiguous()
             and all(t.is_contiguous() for t in state.values())):
         p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
-    return p, g, state, (pipe, p.ndim, p.dtype, g.dtype, tuple(t.dtype for t in state.values()))
+    return FusedArgs(p, g, state, (pipe, p.device.type, p.ndim, p.dtype, g.dtype,
+                                   tuple(t.dtype for t in state.values())))
 
 
 class _CompileFailed(Exception):
@@ -366,10 +390,11 @@ class _CompileFailed(Exception):
 
 
 def _call_compiled(fn: Callable, key: tuple, *args: Any) -> Any:
-    """``_compiled(fn, key)(*args)``. A failure of the first call of a key is a compile failure:
-    the key's pipeline (``key[0]``) is marked broken with one warning, and :class:`_CompileFailed`
-    is raised."""
-    pipe = key[0]
+    """``_compiled(fn, key)(*args)``. A failure of the first call of a key is a compile failure,
+    and raises :class:`_CompileFailed` after one warning: where the compiler works at all on the
+    key's device (``key[1]``; :func:`compiler_available`, probed only now), the key's pipeline
+    (``key[0]``) takes the multi-tensor path from then on; where it does not, every pipeline on
+    that device does."""
     compiled = _compiled(fn, key)
     out = _call_cached(compiled, args)
     if out is not _MISS:
@@ -379,9 +404,13 @@ def _call_compiled(fn: Callable, key: tuple, *args: Any) -> Any:
     except Exception as err:  # compiling failed (before any tensor of this call was touched)
         if (fn, key) in _COMPILED_OK:
             raise
-        _BROKEN.add(pipe)
-        warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
-                   f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
+        pipe, device_type = key[:2]
+        if compiler_available(device_type):
+            _BROKEN.add(pipe)
+            warn_once(f"shine: torch.compile failed for {pipe.precondition.__name__} "
+                       f"({type(err).__name__}: {err}); this pipeline uses the multi-tensor path")
+        else:
+            warn_once(_no_compiler(device_type))
         raise _CompileFailed from err
     _COMPILED_OK.add((fn, key))
     return out
@@ -496,13 +525,19 @@ _COMPILER_ERRORS: dict[str, str] = {}
 
 @functools.cache
 def compiler_available(device_type: str) -> bool:
-    """Whether ``torch.compile`` can build kernels for ``device_type`` here (tried once, cached)."""
+    """Whether ``torch.compile`` can build kernels for ``device_type`` here (tried once, cached;
+    a failure is kept in ``_COMPILER_ERRORS``, which then keeps the device off the fused path)."""
     try:
         fn = torch.compile(lambda t: t * 2 + 1, dynamic=False, options=INDUCTOR_OPTIONS)
         return bool(torch.equal(fn(torch.ones(3, device=device_type)), torch.full((3,), 3.0, device=device_type)))
     except Exception as err:  # any failure to build or run means: no compiler here
         _COMPILER_ERRORS[device_type] = f"{type(err).__name__}: {err}"
         return False
+
+
+def _no_compiler(device_type: str) -> str:
+    return (f"shine: torch.compile does not work on {device_type} ({_COMPILER_ERRORS[device_type]}); "
+            f"the fused path falls back to the multi-tensor path")
 
 
 # ---- the gradient checks: finiteness and the global norm ----------------------------------
