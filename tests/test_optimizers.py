@@ -280,6 +280,23 @@ def test_max_grad_norm_matches_clip_grad_norm(name, path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("name", NAMES)
+def test_step_never_writes_the_gradients(name, foreach):
+    """The rules write their temporaries in place (one allocation each, on the eager paths); the
+    gradients themselves, read throughout the step, are never among them."""
+    g = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in ((6, 5), (5,), (3, 2, 3, 3))]
+    opt = make(name, params, foreach=foreach, weight_decay=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        for p, before in zip(params, grads):
+            assert torch.equal(p.grad, before)
+
+
 def test_max_grad_norm_leaves_the_gradients_unchanged():
     p = nn.Parameter(torch.ones(3, 3))
     p.grad = torch.full((3, 3), 2.0)

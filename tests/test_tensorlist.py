@@ -27,11 +27,22 @@ def test_arithmetic_and_reductions_match_per_tensor():
 
 
 def test_in_place_ops_update_the_listed_tensors():
-    a, b = _lists(0), _lists(1)
-    expected = [x.lerp(y, 0.3) for x, y in zip(a, b)]
-    TensorList(a).lerp_(TensorList(b), 0.3)
-    for x, e in zip(a, expected):
-        torch.testing.assert_close(x, e)
+    """In-place ops write into the listed tensors themselves, with the per-tensor op's bits."""
+    ops = {
+        "lerp_": lambda x, y: x.lerp_(y, 0.3),
+        "add_ alpha": lambda x, y: x.add_(y, alpha=-0.37),  # apply_update's one pass
+        "sign_": lambda x, y: x.sign_(),
+        "gt_": lambda x, y: x.gt_(0),  # caution's mask, written into its temporary
+        "pow_": lambda x, y: x.pow_(2),
+    }
+    for name, op in ops.items():
+        a, b = _lists(0), _lists(1)
+        expected = [op(x.clone(), y) for x, y in zip(a, b)]
+        ids = [id(x) for x in a]
+        out = op(TensorList(a), TensorList(b))
+        assert [id(x) for x in out] == ids, name
+        for x, e in zip(a, expected):
+            assert torch.equal(x, e), name
 
 
 def test_rules_run_unchanged_on_tensor_lists():

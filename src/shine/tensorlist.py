@@ -73,7 +73,12 @@ class TensorList:
     def __rsub__(self, o): return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), self._operand(o)))
     def __neg__(self): return TensorList(torch._foreach_neg(self.tensors))
 
-    def add_(self, o): torch._foreach_add_(self.tensors, self._operand(o)); return self
+    def add_(self, o, *, alpha=1):
+        if alpha == 1:
+            torch._foreach_add_(self.tensors, self._operand(o))
+        else:  # only list operands take an alpha
+            torch._foreach_add_(self.tensors, self._arg(o), alpha=alpha)
+        return self
     def sub_(self, o): torch._foreach_sub_(self.tensors, self._operand(o)); return self
     def mul_(self, o): torch._foreach_mul_(self.tensors, self._operand(o)); return self
     def div_(self, o): torch._foreach_div_(self.tensors, self._operand(o)); return self
@@ -89,6 +94,7 @@ class TensorList:
     def sqrt(self): return TensorList(torch._foreach_sqrt(self.tensors))
     def rsqrt(self): return TensorList(torch._foreach_rsqrt(self.tensors))
     def sign(self): return TensorList(torch._foreach_sign(self.tensors))
+    def sign_(self): torch._foreach_sign_(self.tensors); return self
     def abs(self): return TensorList(torch._foreach_abs(self.tensors))
     def clamp_min(self, o): return self._binary(torch._foreach_clamp_min, o)
     def norm(self): return TensorList(torch._foreach_norm(self.tensors))

@@ -18,4 +18,5 @@ def adamw(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps, bias_correction1, bias_c
     """
     exp_avg.lerp_(x, 1 - beta1)
     exp_avg_sq.lerp_(x * x, 1 - beta2)
-    return (exp_avg / bias_correction1) / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps)
+    denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    return (exp_avg / bias_correction1).div_(denominator)

@@ -105,22 +105,26 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     shape = x.shape
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = exp_avg.view(x.shape)
-    sq = x * x + eps1
+    # Full-size temporaries are written in place once made (same numbers): on the eager paths each
+    # new one costs an allocation, and on the compiled path in-place ops on them change nothing.
+    xx = x * x
+    sq = xx + eps1
     exp_avg_sq_row.lerp_(_mean(sq, -1) if stats is None else stats, 1 - beta2)
     row = _row_rsqrt(exp_avg_sq_row)
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
-    weighted = _column_mean(x * x * (row * row).unsqueeze(-1))
+    weighted = _column_mean(xx.mul_(placed_like((row * row).unsqueeze(-1), xx)))
     exp_avg_sq_col.lerp_(_column_mean(sq), 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
     rms = ((col * col * weighted).sum() / weighted.numel()).sqrt()
-    u = placed_like(x * (row.unsqueeze(-1) * col.unsqueeze(-2)), m)  # identity unless DTensor
-    u = u / hoist((rms / clip_threshold).clamp_min(1.0))
+    # placed like m (identity unless DTensor) before the in-place product with x
+    u = placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
+    u.div_(hoist((rms / clip_threshold).clamp_min(1.0)))
     m.lerp_(u, 1 - beta1)
-    res = (u - m) ** 2 + eps2
+    res = u.sub_(m).pow_(2).add_(eps2)
     exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
     exp_avg_res_col.lerp_(_column_mean(res), 1 - beta3)
-    return placed_like(m * _factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).view(shape)
+    return placed_like(_factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).mul_(m).view(shape)
 
 
 def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):
@@ -129,9 +133,9 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     Returns the momentum itself: :func:`shine.rules.apply_update` never writes to
     the direction (the reference once scaled ``m`` in place by lr, a bug).
     """
-    exp_avg_sq.lerp_(x * x + eps1, 1 - beta2)
-    u = x * exp_avg_sq.rsqrt()
-    u = u / hoist((_rms_each(u) / clip_threshold).clamp_min(1.0))
+    exp_avg_sq.lerp_((x * x).add_(eps1), 1 - beta2)
+    u = exp_avg_sq.rsqrt().mul_(x)
+    u.div_(hoist((_rms_each(u) / clip_threshold).clamp_min(1.0)))
     exp_avg.lerp_(u, 1 - beta1)
     return exp_avg
 

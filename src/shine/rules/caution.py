@@ -1,6 +1,4 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
-import torch
-
 from .hoist import hoist
 
 
@@ -13,14 +11,20 @@ def caution(u, g, kept=None):
     already computed (:func:`kept_fraction` of a tensor with the sign of ``u``).
     Returns a new tensor: the caller's momentum state is never masked.
     """
-    mask = (u * g > 0).to(torch.float32)
-    return u * mask / (_floored_mean(mask) if kept is None else kept)
+    mask = _agrees(u, g)
+    scale = _floored_mean(mask) if kept is None else kept
+    return mask.mul_(u).div_(scale)
 
 
 def kept_fraction(direction, g):
     """``max(mean(direction * g > 0), 1e-3)``: what :func:`caution` divides by, for any
     ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`)."""
-    return _floored_mean((direction * g > 0).to(torch.float32))
+    return _floored_mean(_agrees(direction, g))
+
+
+def _agrees(u, g):
+    """``(u * g > 0)`` as 1.0/0.0 in ``u``'s dtype, written into the one temporary ``u * g``."""
+    return (u * g).gt_(0)
 
 
 def _floored_mean(mask):

@@ -3,7 +3,7 @@
 
 def lion(x, exp_avg, *, beta1, beta2):
     """Return ``sign(beta1*m + (1-beta1)*x)``, then move ``m`` towards ``x`` with ``beta2``."""
-    direction = next_momentum(x, exp_avg, beta1=beta1).sign()
+    direction = next_momentum(x, exp_avg, beta1=beta1).sign_()
     exp_avg.lerp_(x, 1 - beta2)
     return direction
 

@@ -19,7 +19,7 @@ def mars_correction(g, prev_grad, *, gamma, beta1, clip=None):
     is ``max(||c||, 1)`` when already computed (:func:`mars_clip`).
     """
     c = _uncorrected(g, prev_grad, gamma, beta1)
-    return c / (_clip_of(c) if clip is None else clip)
+    return c.div_(_clip_of(c) if clip is None else clip)
 
 
 def mars_clip(g, prev_grad, *, gamma, beta1):
@@ -28,7 +28,7 @@ def mars_clip(g, prev_grad, *, gamma, beta1):
 
 
 def _uncorrected(g, prev_grad, gamma, beta1):
-    return g + (g - prev_grad) * (gamma * beta1 / (1 - beta1))
+    return (g - prev_grad).mul_(gamma * beta1 / (1 - beta1)).add_(g)
 
 
 def _clip_of(c):
