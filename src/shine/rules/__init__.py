@@ -6,7 +6,8 @@ the update direction ``u`` (the optimizer then does ``p -= lr * u``). Written
 with plain tensor methods, every function runs unchanged on a single tensor
 (reference path), on a :class:`shine.tensorlist.TensorList` (multi-tensor path)
 and under ``torch.compile`` (fused path). Nothing here allocates state or reads
-a parameter group.
+a parameter group. A full-size temporary is written in place once made (an
+allocation saved on the eager paths); ``x`` and the gradient never are.
 
     gradient -> [estimate] -> [precondition] -> [mask] -> [apply]
                 mars.py       adamw.py lion.py   caution.py  apply.py
