@@ -268,6 +268,27 @@ def _uncompiled_fused_path(monkeypatch):
     return checked
 
 
+@pytest.mark.parametrize("name", ["c-adamw", "came"])
+def test_the_step_reuses_what_the_prepass_built(monkeypatch, name):
+    """Where the pre-pass runs first (CPU), the step takes the packed hyperparameters and each
+    tensor's views from it: built once per tensor and step, as when no pre-pass runs first."""
+    _uncompiled_fused_path(monkeypatch)
+    monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 10)
+    calls = []
+    for helper in ("_fused_args", "_packed"):
+        def spy(*args, _original=getattr(engine, helper), _name=helper):
+            calls.append(_name)
+            return _original(*args)
+        monkeypatch.setattr(engine, helper, spy)
+    counts = {}
+    for nonfinite in ("raise", "ignore"):  # with and without the pre-pass run first
+        calls.clear()
+        params, grads = problem(torch.float32, steps=2)
+        drive(build(name, params, "fused", nonfinite=nonfinite), params, grads)
+        counts[nonfinite] = (calls.count("_fused_args"), calls.count("_packed"))
+    assert counts["raise"] == counts["ignore"] and counts["raise"][0] > 0
+
+
 @pytest.mark.parametrize("name, huge", [("c-adamw", 3e38), ("mars-adamw", 1e20), ("came", 1.4e19)])
 def test_fused_prepass_is_the_nonfinite_check(monkeypatch, name, huge):
     """On CPU the fused pre-pass (caution's count, MARS's clip) runs before any step and reads each
