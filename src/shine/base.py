@@ -51,7 +51,8 @@ class ShineOptimizer(Optimizer):
             ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements; never with ``foreach=False``. Within
             a fused bucket, tensors under ``engine.FUSED_MIN_TENSOR_NUMEL`` (8192) elements
             share the multi-tensor kernels (a compiled call costs more host time than they take).
-            Without a working compiler ``True`` warns once and uses the multi-tensor path.
+            Where the compiler does not work (learnt from the first compile, which fails before
+            writing anything), the fused path warns once and uses the multi-tensor path.
         state_dtype: dtype of the per-element state (momenta, ``prev_grad``); ``None`` (default)
             is fp32 for fp16/bf16 parameters and the parameter's dtype otherwise;
             ``torch.bfloat16`` halves the state memory. Factored CAME statistics stay fp32.
