@@ -12,8 +12,8 @@ came_pytorch = pytest.importorskip("came_pytorch")
 # came_pytorch 0.1.3 factors every tensor with >= 2 dims over its last two dims (shine's
 # factor_conv="last2") and, in its unfactored path, applies `update = exp_avg.clone()`: it does NOT
 # have the in-place exp_avg scaling bug of ALGORITHMS.md §2, so 1-D and 0-d tensors are compared too.
-# (37, 6), (34, 4), (33, 4) and (2, 21, 3): the fused path sums columns in blocks of 16 rows plus
-# a remainder of 2 to 17 rows.
+# (16, 32), (37, 6), (34, 4), (33, 4) and (2, 21, 3): the fused path sums columns in blocks of 16
+# rows plus a remainder of 2 to 17 rows, and the residual's columns in blocks of 8 plus 2 to 9.
 PACKAGE_SHAPES = [(), (5,), (3, 7), (7, 3), (16, 32), (37, 6), (34, 4), (33, 4), (4, 3, 3, 3), (2, 4, 3, 5),
                   (2, 21, 3)]
 PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -74,17 +74,18 @@ def test_step1_magnitude(shape, betas, foreach):
 
 
 def test_fused_factored_step_compiles_once_for_any_row_count():
-    """One graph serves matrices whose rows divide by 16 or not, over and under 4096 rows (the
-    blocked column sums and the float32 cascade sums once made the compiler guard on both)."""
+    """One graph serves matrices whose rows divide by the column blocks (16 and 8 rows) or not, over
+    and under 4096 rows and 4096 blocks (the blocked column sums and the float32 cascade sums once
+    made the compiler guard on each)."""
     if not shine.engine.compiler_available("cpu"):
         pytest.skip("torch.compile unavailable")
     from torch._dynamo.utils import counters
 
     graphs = []
-    for rows in (48, 49, 4100, 50):
+    for rows in (48, 49, 4100, 33000, 50):
         p = torch.randn(rows, 3, requires_grad=True)
         p.grad = torch.randn(rows, 3)
         shine.CAME([p], lr=1e-3, fused=True).step()
         assert torch.isfinite(p).all()
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[1:] == graphs[:1] * 3, f"graph count after each matrix: {graphs}"
+    assert graphs[1:] == graphs[:1] * 4, f"graph count after each matrix: {graphs}"

@@ -1,4 +1,5 @@
 """Adam's preconditioner (the "AdamW" of Loshchilov & Hutter, decay applied separately)."""
+from .ema import ema_
 
 
 def adamw_bias_corrections(hyper):
@@ -16,7 +17,7 @@ def adamw(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps, bias_correction1, bias_c
 
     The bias corrections come from :func:`adamw_bias_corrections`.
     """
-    exp_avg.lerp_(x, 1 - beta1)
-    exp_avg_sq.lerp_(x * x, 1 - beta2)
+    ema_(exp_avg, x, 1 - beta1)
+    ema_(exp_avg_sq, x * x, 1 - beta2)
     denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
     return (exp_avg / bias_correction1).div_(denominator)

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..distributed import placed_like
+from .ema import ema_
 from .hoist import hoist
 from ..tensorlist import per_tensor
 
@@ -45,29 +46,34 @@ def _mean(t, dim, keepdim=False, dtype=None):
     return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / t.shape[dim]
 
 
-#: Rows per block of :func:`_column_mean` under the compiler (16 measured best of 4-32).
-_COLUMN_BLOCK = 16
+#: Rows per block of :func:`_column_mean` under the compiler, for a column pass that reads one
+#: full-size tensor (16 measured best of 4-32) and for one that reads two (8: 20 GB/s against 14-17
+#: at 16 on 4096x4096 and 50257x768; 32 streams at 16 rows, too many for the prefetchers).
+_COLUMN_BLOCK = {1: 16, 2: 8}
 
 
-def _column_mean(t):
-    """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`.
+def _column_mean(t, reads=1):
+    """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`; ``reads``: how many full-size tensors
+    the compiled expression of ``t`` reads (it sets the block size).
 
-    Under ``torch.compile`` the sum runs over blocks of 16 rows, then over the blocks. Inductor
+    Under ``torch.compile`` the sum runs over blocks of rows, then over the blocks. Inductor
     walks a plain column sum down each column, one whole row's stride per element (0.45 ns per
-    element of a 50257x768 matrix on the 2-core CPU); the blocked form reads 16 rows side by
-    side (0.22 ns), so CAME's two column passes cost little more than its row passes. Only the
-    order of the additions differs from the plain sum. The last 2 to 17 rows are summed plainly:
-    a remainder of 0 or 1 rows is a size the compiler specialises, which gave matrices whose rows
-    divide by 16 and those with one row over (GPT-2's embedding) a graph each. Matrices of fewer
-    than 18 rows take the plain sum (a size guard, so a graph of their own): inductor fails to
-    lower the blocked form when the compile's example has no whole block.
+    element of a 50257x768 matrix on the 2-core CPU); the blocked form reads the rows of a block
+    side by side (0.22 ns). Only the order of the additions differs from the plain sum. The sum
+    over the blocks is in float64: inductor sums more than 4096 float32 values with a cascade and
+    guards on the count, which gave matrices of over and under 4096 blocks a graph each. The last
+    2 to ``block + 1`` rows are summed plainly: a remainder of 0 or 1 rows is a size the compiler
+    specialises, which gave matrices whose rows divide by the block and those with one row over
+    (GPT-2's embedding) a graph each. Matrices of fewer than ``block + 2`` rows take the plain sum
+    (a size guard, so a graph of their own): inductor fails to lower the blocked form when the
+    compile's example has no whole block.
     """
-    n = t.shape[-2]
-    if not torch.compiler.is_compiling() or n < _COLUMN_BLOCK + 2:
+    n, block = t.shape[-2], _COLUMN_BLOCK[reads]
+    if not torch.compiler.is_compiling() or n < block + 2:
         return _mean(t, -2)
-    whole = (n - 2) // _COLUMN_BLOCK * _COLUMN_BLOCK
-    blocks = t[..., :whole, :].unflatten(-2, (whole // _COLUMN_BLOCK, _COLUMN_BLOCK)).sum(-2).sum(-2)
-    return (blocks + t[..., whole:, :].sum(-2)) / n
+    whole = (n - 2) // block * block
+    blocks = t[..., :whole, :].unflatten(-2, (whole // block, block)).sum(-2).sum(-2, dtype=torch.float64)
+    return ((blocks + t[..., whole:, :].sum(-2)) / n).to(t.dtype)
 
 
 def _row_rsqrt(row):
@@ -109,21 +115,21 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     # new one costs an allocation, and on the compiled path in-place ops on them change nothing.
     xx = x * x
     sq = xx + eps1
-    exp_avg_sq_row.lerp_(_mean(sq, -1) if stats is None else stats, 1 - beta2)
+    ema_(exp_avg_sq_row, _mean(sq, -1) if stats is None else stats, 1 - beta2)
     row = _row_rsqrt(exp_avg_sq_row)
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
     weighted = _column_mean(xx.mul_(placed_like((row * row).unsqueeze(-1), xx)))
-    exp_avg_sq_col.lerp_(_column_mean(sq), 1 - beta2)
+    ema_(exp_avg_sq_col, _column_mean(sq), 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
     rms = ((col * col * weighted).sum() / weighted.numel()).sqrt()
     # placed like m (identity unless DTensor) before the in-place product with x
     u = placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
     u.div_(hoist((rms / clip_threshold).clamp_min(1.0)))
-    m.lerp_(u, 1 - beta1)
+    ema_(m, u, 1 - beta1)
     res = u.sub_(m).pow_(2).add_(eps2)
-    exp_avg_res_row.lerp_(_mean(res, -1), 1 - beta3)
-    exp_avg_res_col.lerp_(_column_mean(res), 1 - beta3)
+    ema_(exp_avg_res_row, _mean(res, -1), 1 - beta3)
+    ema_(exp_avg_res_col, _column_mean(res, reads=2), 1 - beta3)
     return placed_like(_factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).mul_(m).view(shape)
 
 
@@ -133,10 +139,10 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     Returns the momentum itself: :func:`shine.rules.apply_update` never writes to
     the direction (the reference once scaled ``m`` in place by lr, a bug).
     """
-    exp_avg_sq.lerp_((x * x).add_(eps1), 1 - beta2)
+    ema_(exp_avg_sq, (x * x).add_(eps1), 1 - beta2)
     u = exp_avg_sq.rsqrt().mul_(x)
     u.div_(hoist((_rms_each(u) / clip_threshold).clamp_min(1.0)))
-    exp_avg.lerp_(u, 1 - beta1)
+    ema_(exp_avg, u, 1 - beta1)
     return exp_avg
 
 

@@ -4,6 +4,7 @@ The correction turns the gradient into ``c``; the preconditioners that follow it
 are Adam's (:func:`shine.rules.adamw`), the sign of the momentum (MARS-Lion) and
 the orthogonalised momentum (MARS-Shampoo).
 """
+from .ema import ema_
 from .hoist import hoist
 from .newton_schulz import newton_schulz5
 from ..distributed import whole_tensor
@@ -37,7 +38,7 @@ def _clip_of(c):
 
 def sign_momentum(x, exp_avg, *, beta1):
     """MARS-Lion: ``m = beta1*m + (1-beta1)*x``; return ``sign(m)``."""
-    exp_avg.lerp_(x, 1 - beta1)
+    ema_(exp_avg, x, 1 - beta1)
     return exp_avg.sign()
 
 
@@ -47,7 +48,7 @@ def orthogonal_momentum(x, exp_avg, *, beta1, ns_steps, ns_dtype=None):
     The Newton–Schulz result is scaled by ``sqrt(max(1, rows/cols))`` as in the
     reference, so tall matrices take steps of comparable RMS.
     """
-    exp_avg.lerp_(x, 1 - beta1)
+    ema_(exp_avg, x, 1 - beta1)
     return _scaled_orthogonalisation(exp_avg / (1 - beta1), ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 

@@ -1,0 +1,24 @@
+"""The exponential moving average every rule keeps: ``average + weight * (x - average)``."""
+import torch
+
+
+def ema_(average, x, weight):
+    """Move ``average`` towards ``x`` by ``weight`` in place; returns ``average``.
+
+    Eagerly this is ``lerp_`` (one pass). Under ``torch.compile`` it is written
+    ``average * (1 - weight) + x * weight``: inductor lowers a ``lerp`` whose weight is a
+    tensor (the fused path's packed hyperparameters) to both of its formulas and a select
+    between them in every vector block. A compiled AdamW-like step on 16M elements took
+    1.01-1.14 times as long with ``lerp`` (four runs, 2-core CPU); on GPT-2 small the fused
+    AdamW step took 0.94-0.98 of its time before, Lion 0.89-0.97. The forms differ by rounding.
+    """
+    if torch.compiler.is_compiling():
+        return average.mul_(1 - weight).add_(x * weight)
+    return average.lerp_(x, weight)
+
+
+def ema(average, x, weight):
+    """:func:`ema_` without writing ``average``: the average it would move to."""
+    if torch.compiler.is_compiling():
+        return average * (1 - weight) + x * weight
+    return average.lerp(x, weight)
