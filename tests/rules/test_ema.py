@@ -1,0 +1,38 @@
+"""The moving average every rule keeps, eagerly and compiled."""
+
+import pytest
+import torch
+
+import shine
+from shine.rules.ema import ema, ema_
+
+
+def test_eager_ema_is_lerp_in_place():
+    gen = torch.Generator().manual_seed(0)
+    average, x = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    expected = average.lerp(x, 0.1)
+    assert torch.equal(ema(average, x, 0.1), expected)
+    out = ema_(average, x, 0.1)
+    assert out is average and torch.equal(average, expected)
+
+
+def test_compiled_ema_matches_lerp_with_a_tensor_weight():
+    """Under the compiler the weight is a 0-d float64 tensor (the fused path's packed
+    hyperparameters) and the average is written as a multiply-add: the same values to rounding,
+    written in place, and no select between lerp's two formulas left in the kernel."""
+    if not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(0)
+    average, x = torch.randn(4099, generator=gen), torch.randn(4099, generator=gen)
+    moved = torch.compile(ema, dynamic=True)
+    in_place = torch.compile(ema_, dynamic=True)
+    for beta in (0.9, 0.999, 0.3):
+        weight = torch.tensor(1 - beta, dtype=torch.float64)
+        expected = average.lerp(x, 1 - beta)
+        torch.testing.assert_close(moved(average, x, weight), expected, rtol=2e-7, atol=1e-7)
+        target = average.clone()
+        _, code = run_and_get_code(in_place, target, x, weight)
+        torch.testing.assert_close(target, expected, rtol=2e-7, atol=1e-7)
+        assert "blendv" not in "".join(code), "the compiled average selects between two formulas"
