@@ -9,8 +9,8 @@ def ema_(average, x, weight):
     ``average * (1 - weight) + x * weight``: inductor lowers a ``lerp`` whose weight is a
     tensor (the fused path's packed hyperparameters) to both of its formulas and a select
     between them in every vector block. A compiled AdamW-like step on 16M elements took
-    1.01-1.14 times as long with ``lerp`` (four runs, 2-core CPU); on GPT-2 small the fused
-    AdamW step took 0.94-0.98 of its time before, Lion 0.89-0.97. The forms differ by rounding.
+    1.01-1.14 times as long with ``lerp`` (four runs, 2-core CPU); whole fused GPT-2 steps moved
+    within that machine's noise (AdamW 0.94-1.01, Lion 0.89-1.01). The forms differ by rounding.
     """
     if torch.compiler.is_compiling():
         return average.mul_(1 - weight).add_(x * weight)
