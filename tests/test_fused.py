@@ -431,3 +431,51 @@ def test_cached_graph_calls_equal_dynamo_calls(monkeypatch):
     for a_t, e_t in zip(direct, through_dynamo):
         for a, e in zip(a_t, e_t):
             assert torch.equal(a, e)
+
+
+def _step_code(opt):
+    """The C++ that compiling ``opt``'s fused step generates (compiled afresh, no cache hits)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(opt.step)
+    return "\n".join(code)
+
+
+@needs_compiler
+@pytest.mark.parametrize("param_dtype, state_dtype, stochastic, lanes", [
+    (torch.float32, torch.bfloat16, False, 32),   # fp32 parameters, bf16 state: bf16's width
+    (torch.bfloat16, None, False, 32),            # bf16 parameters, fp32 state: the same
+    (torch.float32, None, False, 16),             # no bf16 value: float's width, as inductor chooses
+    (torch.float32, torch.bfloat16, True, 16),    # stochastic rounding's bit casts need float's width
+])
+def test_fused_step_tiles_by_bf16_width_where_it_moves_bf16(param_dtype, state_dtype, stochastic, lanes):
+    """A kernel that loads and stores bf16 is vectorised 32 elements at a time, although the store
+    of an fp32 tensor (parameter or state) is a loop body without a bf16 value; the change to
+    inductor's choice lasts only while shine compiles, and the step's numbers stay the reference's."""
+    from torch._inductor.codegen import cpp
+
+    chooser = cpp.get_loop_body_lowp_fp
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(4099, generator=gen).to(param_dtype)
+    grads = [torch.randn(4099, generator=gen).to(param_dtype) for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        p = torch.nn.Parameter(init.clone())
+        opt = shine.AdamW([p], lr=1e-2, weight_decay=0.1, fused=fused, state_dtype=state_dtype,
+                          stochastic_rounding=stochastic, nonfinite="ignore")
+        p.grad = grads[0].clone()
+        if fused:
+            code = _step_code(opt)
+            assert f"x0+=static_cast<int64_t>({lanes}L)" in code
+            assert f"x0+=static_cast<int64_t>({ {16: 32, 32: 16}[lanes]}L)" not in code
+            assert cpp.get_loop_body_lowp_fp is chooser, "the tiling change outlived the compile"
+        else:
+            opt.step()
+        for g in grads[1:]:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach().float())
+    if not stochastic:
+        torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
