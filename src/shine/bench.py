@@ -56,7 +56,7 @@ SHINE = {
 #: ``clip_grad_norm_`` writes them; a clip that binds costs the same.
 CLIP = 100.0
 #: Extra fused rows: the cost of the non-finite check, clipping inside the step (whose norm is
-#: also the non-finite check), and bf16 state (stochastic rounding).
+#: also the non-finite check), and bf16 state (stochastic rounding, its default, and to nearest).
 EXTRAS = {
     "adamw nonfinite=ignore": ("adamw", {"nonfinite": "ignore"}),
     "adamw max_grad_norm": ("adamw", {"max_grad_norm": CLIP}),
@@ -65,6 +65,7 @@ EXTRAS = {
     "mars-adamw nonfinite=ignore": ("mars-adamw", {"nonfinite": "ignore"}),
     "came nonfinite=ignore": ("came", {"nonfinite": "ignore"}),
     "adamw state=bf16": ("adamw", {"state_dtype": torch.bfloat16}),
+    "adamw state=bf16 nearest": ("adamw", {"state_dtype": torch.bfloat16, "stochastic_rounding": False}),
     "mars-adamw state=bf16": ("mars-adamw", {"state_dtype": torch.bfloat16}),
     "came state=bf16": ("came", {"state_dtype": torch.bfloat16}),
 }
