@@ -542,8 +542,8 @@ def _bf16_tiling():
     tiles as before (all its other bodies still answer none), unless it only moves fp32 data. Not
     for steps that round stochastically (the caller's choice): their float/int32 bit casts have no
     32-lane vector form and ran element by element, 1.76 times slower on GPT-2 small.
-    :data:`INDUCTOR_OPTIONS` carries a marker in inductor's cache key, so kernels cached before
-    this applied are not reused.
+    :func:`_cache_marker` puts this into inductor's cache key, so kernels cached before it applied
+    are not reused.
     """
     cpp = importlib.import_module("torch._inductor.codegen.cpp")
     original = getattr(cpp, "get_loop_body_lowp_fp", None)
