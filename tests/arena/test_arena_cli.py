@@ -44,12 +44,25 @@ def test_quick_run_writes_every_optimizer_table_and_figure(tmp_path, capsys):
 
 def test_same_arguments_give_the_same_losses(tmp_path):
     for out in ("a", "b"):
-        assert arena("--optimizers", "adamw", *SMALL, out=tmp_path / out) == 0
+        assert arena("--optimizers", "adamw", *SMALL, "--threads", "1", out=tmp_path / out) == 0
     runs = [json.loads((tmp_path / out / "results.json").read_text())["runs"][0] for out in "ab"]
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
     assert runs[0]["grad_norms"] == runs[1]["grad_norms"]
     norms = runs[0]["grad_norms"]  # the norm before the clip, one per step
     assert len(norms) == len(runs[0]["train_losses"]) and all(n > 0 for n in norms)
+
+
+def test_pinned_threads_repeat_a_run_whatever_the_load(tmp_path, monkeypatch):
+    """By default the thread count follows the load average, and the losses follow the thread
+    count in their last digits; --threads pins it."""
+    losses = []
+    for out, load in (("idle", 0.0), ("busy", 5.0)):
+        monkeypatch.setattr(runner.os, "getloadavg", lambda load=load: (load, load, load))
+        assert arena("--optimizers", "c-adamw", *SMALL, "--threads", "2", out=tmp_path / out) == 0
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        assert results["task"]["threads"] == 2
+        losses.append(results["runs"][0]["train_losses"])
+    assert losses[0] == losses[1]
 
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when present; default)")
     parser.add_argument("--nproc", type=_positive_int, default=1,
                         help="train each run under FSDP2 on N processes (gloo on CPU, nccl on GPUs; default 1)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="torch threads per process (default: one per idle core by the 1-minute load average); "
+                             "losses differ in their last digits between thread counts, so pin it to repeat a run")
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("arena_out"), help="output folder (default ./arena_out)")
     parser.add_argument("--resume", action="store_true", help="skip the runs already finished in DIR")
     parser.add_argument("--quick", action="store_true", help="a smoke test in well under 2 minutes: nano model, 60 steps, 1 seed")
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     rank, size = parallel.world()
     if task.nproc > 1 and size == 1:  # the launcher: every process runs this function again
         return parallel.launch(task.nproc, task.device, run, args)
-    threads = max(1, set_threads() // size)
+    threads = args.threads or max(1, set_threads() // size)
     torch.set_num_threads(threads)
     plan = config.planned_runs()
     todo = [key for key in plan if not log.has(*key)]
