@@ -349,8 +349,6 @@ def test_compiled_prepass_catches_every_nonfinite_value(name, bad):
 def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     """One graph serves every tensor size, so whether its loop runs on all threads must not depend
     on the size of the tensor that triggered the compile (a bias would make it serial)."""
-    from torch._inductor.utils import run_and_get_code
-
     opt = shine.AdamW([torch.nn.Parameter(torch.zeros(3))])
     pipe, hyper = opt._pipeline(opt.param_groups[0], "adamw")
     hyper = {**hyper, "step": 1.0, **pipe.scalars({**hyper, "step": 1.0})}
@@ -358,9 +356,7 @@ def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     p, g = torch.randn(8), torch.randn(8)
     state = {"exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8)}
     step = engine._compiled.__wrapped__(engine.pipeline_step, (pipe, "parallel-test"))  # a fresh compile
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        _, code = run_and_get_code(step, pipe, p, g, state, hyper, None)
-    assert "#pragma omp parallel" in "\n".join(code)
+    assert "#pragma omp parallel" in _generated_code(step, pipe, p, g, state, hyper, None)
 
 
 def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch):
@@ -433,14 +429,20 @@ def test_cached_graph_calls_equal_dynamo_calls(monkeypatch):
             assert torch.equal(a, e)
 
 
-def _step_code(opt):
-    """The C++ that compiling ``opt``'s fused step generates (compiled afresh, no cache hits)."""
+def _generated_code(fn, *args):
+    """The code that calling the compiled ``fn`` generates, with inductor's cache off (a hit
+    generates none)."""
     from torch._inductor.utils import run_and_get_code
 
-    torch._dynamo.reset()
     with torch._inductor.config.patch(fx_graph_cache=False):
-        _, code = run_and_get_code(opt.step)
+        _, code = run_and_get_code(fn, *args)
     return "\n".join(code)
+
+
+def _step_code(opt):
+    """The C++ that compiling ``opt``'s fused step generates (compiled afresh, no cache hits)."""
+    torch._dynamo.reset()
+    return _generated_code(opt.step)
 
 
 @needs_compiler

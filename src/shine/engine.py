@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import math
 import types
 from typing import Any, Callable, NamedTuple
@@ -298,12 +297,12 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
     first step on the 2-core CPU (CAME, empty inductor cache: 17.8 s with it, 16.4 without).
     """
     if fused:
-        if device.type not in _COMPILER_ERRORS:
+        if _compiles_on(device):
             return "fused"
         warn_once(_no_compiler(device.type))
     elif fused is None and foreach is not False:
         threshold = AUTO_FUSE_MIN_NUMEL.get(device.type)
-        if threshold is not None and numel >= threshold and device.type not in _COMPILER_ERRORS:
+        if threshold is not None and numel >= threshold and _compiles_on(device):
             return "fused"
     return "per_tensor" if foreach is False else "foreach"
 
@@ -365,7 +364,12 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedB
 
 def _fusable(pipe: Pipeline, device: torch.device) -> bool:
     """Whether ``pipe`` on ``device`` still compiles: no compile of it, nor the device's, failed."""
-    return pipe not in _BROKEN and device.type not in _COMPILER_ERRORS
+    return pipe not in _BROKEN and _compiles_on(device)
+
+
+def _compiles_on(device: torch.device) -> bool:
+    """Whether the compiler is not known to fail on ``device`` (:func:`compiler_available` records failures)."""
+    return device.type not in _COMPILER_ERRORS
 
 
 def _packed(hyper: dict[str, Any], device: torch.device) -> tuple[Tensor, tuple[str, ...], dict[str, Any]]:
@@ -545,7 +549,8 @@ def _bf16_tiling():
     :func:`_cache_marker` puts this into inductor's cache key, so kernels cached before it applied
     are not reused.
     """
-    cpp = importlib.import_module("torch._inductor.codegen.cpp")
+    from torch._inductor.codegen import cpp  # imported here: torch._inductor takes seconds
+
     original = getattr(cpp, "get_loop_body_lowp_fp", None)
     if original is None:
         yield
