@@ -450,15 +450,16 @@ def _step_code(opt):
     (torch.float32, torch.bfloat16, False, 32),   # fp32 parameters, bf16 state: bf16's width
     (torch.bfloat16, None, False, 32),            # bf16 parameters, fp32 state: the same
     (torch.float32, None, False, 16),             # no bf16 value: float's width, as inductor chooses
-    (torch.float32, torch.bfloat16, True, 16),    # stochastic rounding's bit casts need float's width
+    (torch.float32, torch.bfloat16, True, 32),    # stochastic rounding, its bit casts as vector casts
 ])
 def test_fused_step_tiles_by_bf16_width_where_it_moves_bf16(param_dtype, state_dtype, stochastic, lanes):
     """A kernel that loads and stores bf16 is vectorised 32 elements at a time, although the store
-    of an fp32 tensor (parameter or state) is a loop body without a bf16 value; the change to
-    inductor's choice lasts only while shine compiles, and the step's numbers stay the reference's."""
+    of an fp32 tensor (parameter or state) is a loop body without a bf16 value, and stochastic
+    rounding's bit casts are vector casts, not element-by-element loops; the changes to inductor
+    last only while shine compiles, and the step's numbers stay the reference's."""
     from torch._inductor.codegen import cpp
 
-    chooser = cpp.get_loop_body_lowp_fp
+    chooser, bit_cast = cpp.get_loop_body_lowp_fp, vars(cpp.CppVecOverrides)["to_dtype_bitcast"]
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(4099, generator=gen).to(param_dtype)
     grads = [torch.randn(4099, generator=gen).to(param_dtype) for _ in range(3)]
@@ -473,6 +474,9 @@ def test_fused_step_tiles_by_bf16_width_where_it_moves_bf16(param_dtype, state_d
             assert f"x0+=static_cast<int64_t>({lanes}L)" in code
             assert f"x0+=static_cast<int64_t>({ {16: 32, 32: 16}[lanes]}L)" not in code
             assert cpp.get_loop_body_lowp_fp is chooser, "the tiling change outlived the compile"
+            assert vars(cpp.CppVecOverrides)["to_dtype_bitcast"] is bit_cast, "the cast change outlived the compile"
+            assert ("at::vec::cast<int32_t>" in code) == stochastic
+            assert "= c10::bit_cast<" not in code  # the element-by-element form
         else:
             opt.step()
         for g in grads[1:]:
@@ -481,3 +485,33 @@ def test_fused_step_tiles_by_bf16_width_where_it_moves_bf16(param_dtype, state_d
         results.append(p.detach().float())
     if not stochastic:
         torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+@needs_compiler
+def test_stochastic_rounding_with_vector_bit_casts_gives_the_element_wise_casts_bits(monkeypatch):
+    """Vector casts and bf16-wide tiles change how the rounding's bits are moved, not which: three
+    steps of AdamW with bf16 state rounded stochastically give the same bits as the step compiled
+    without shine's changes to inductor, from the same seed."""
+    import contextlib
+
+    gen = torch.Generator().manual_seed(1)
+    init, grads = torch.randn(4099, generator=gen), [torch.randn(4099, generator=gen) for _ in range(3)]
+
+    def run():
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        p = torch.nn.Parameter(init.clone())
+        opt = shine.AdamW([p], lr=1e-2, fused=True, state_dtype=torch.bfloat16, stochastic_rounding=True)
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+        state = opt.state[p]
+        return [p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+
+    changed = run()
+    monkeypatch.setattr(engine, "_cpu_codegen", lambda bit_casts=False: contextlib.nullcontext())
+    plain = run()
+    assert changed[1].dtype == torch.bfloat16
+    for a, e in zip(changed, plain):
+        assert torch.equal(a, e)

@@ -357,7 +357,7 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedB
     for i, (args, results) in enumerate(calls):
         try:
             _call_compiled(fused_step, args.key, pipe, *args[:3], *packed, results,
-                           bf16_tiling=not hyper.get("stochastic_rounding", False))
+                           bit_casts=hyper.get("stochastic_rounding", False))
         except _CompileFailed:
             return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
 
@@ -405,9 +405,10 @@ class _CompileFailed(Exception):
     """Compiling a pipeline's step failed (nothing was written): it now takes the multi-tensor path."""
 
 
-def _call_compiled(fn: Callable, key: tuple, *args: Any, bf16_tiling: bool = True) -> Any:
-    """``_compiled(fn, key)(*args)``, compiled (where it compiles) under :func:`_bf16_tiling` if
-    ``bf16_tiling``. A failure of the first call of a key is a compile failure,
+def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False) -> Any:
+    """``_compiled(fn, key)(*args)``, compiled (where it compiles) under :func:`_cpu_codegen`
+    (``bit_casts``: the step bit-casts floats, as stochastic rounding does). A failure of the first
+    call of a key is a compile failure,
     and raises :class:`_CompileFailed` after one warning: where the compiler works at all on the
     key's device (``key[1]``; :func:`compiler_available`, probed only now), the key's pipeline
     (``key[0]``) takes the multi-tensor path from then on; where it does not, every pipeline on
@@ -417,7 +418,7 @@ def _call_compiled(fn: Callable, key: tuple, *args: Any, bf16_tiling: bool = Tru
     if out is not _MISS:
         return out
     try:
-        with _bf16_tiling() if bf16_tiling else contextlib.nullcontext():
+        with _cpu_codegen(bit_casts):
             out = compiled(*args)
     except Exception as err:  # compiling failed (before any tensor of this call was touched)
         if (fn, key) in _COMPILED_OK:
@@ -531,26 +532,37 @@ INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold"
 
 
 @contextlib.contextmanager
-def _bf16_tiling():
-    """While a fused step compiles: a kernel's loop body that only moves data (a load and a store,
-    no arithmetic) no longer keeps inductor's CPU code generator from vectorising the kernel by
-    bf16's width.
+def _cpu_codegen(bit_casts: bool = False):
+    """While a fused step compiles, two changes to inductor's CPU code generator, so that kernels
+    that move bf16 are vectorised by bf16's width (:func:`_bf16_tiling`) and bit casts between
+    float32 and int32 are vector casts (:func:`_vector_bit_casts`). Each applies only where this
+    torch has the function it replaces. A step that ``bit_casts`` (stochastic rounding) is tiled by
+    bf16's width only where its casts are vector casts: element by element, at 32 lanes, it took
+    1.76 times as long on GPT-2 small. :func:`_cache_marker` puts both into inductor's cache key,
+    so kernels cached without them are not reused. Scoped to shine's own compiles (though
+    process-wide while they run: another thread compiling then would see them too)."""
+    from torch._inductor.codegen import cpp  # imported here: torch._inductor takes seconds
+
+    with contextlib.ExitStack() as stack:
+        vector_casts = stack.enter_context(_vector_bit_casts(cpp))
+        if vector_casts or not bit_casts:
+            stack.enter_context(_bf16_tiling(cpp))
+        yield
+
+
+@contextlib.contextmanager
+def _bf16_tiling(cpp):
+    """A kernel's loop body that only moves data (a load and a store, no arithmetic) no longer keeps
+    inductor's CPU code generator (module ``cpp``) from vectorising the kernel by bf16's width.
 
     Inductor tiles a kernel by 32 elements (bf16 lanes) only where every loop body holds a bf16
     value, else by 16 (float lanes), and then loads and stores bf16 as masked half vectors. A step
     on fp32 parameters with bf16 state has one body without: the store of the new parameter into
     ``p``. On one 16M-element tensor, AdamW's fused step with bf16 state took 1.43-1.56 times
-    torch's fp32 fused AdamW tiled by 16, and 0.62-0.68 tiled by 32, with the same bits. Scoped to
-    shine's own compiles; where this torch has no ``get_loop_body_lowp_fp``, nothing changes. Only
-    a body that would have blocked bf16 tiling answers bf16 now, so a kernel without bf16 values
-    tiles as before (all its other bodies still answer none), unless it only moves fp32 data. Not
-    for steps that round stochastically (the caller's choice): their float/int32 bit casts have no
-    32-lane vector form and ran element by element, 1.76 times slower on GPT-2 small.
-    :func:`_cache_marker` puts this into inductor's cache key, so kernels cached before it applied
-    are not reused.
+    torch's fp32 fused AdamW tiled by 16, and 0.62-0.68 tiled by 32, with the same bits. Only a
+    body that would have blocked bf16 tiling answers bf16 now, so a kernel without bf16 values
+    tiles as before (all its other bodies still answer none), unless it only moves fp32 data.
     """
-    from torch._inductor.codegen import cpp  # imported here: torch._inductor takes seconds
-
     original = getattr(cpp, "get_loop_body_lowp_fp", None)
     if original is None:
         yield
@@ -565,6 +577,40 @@ def _bf16_tiling():
         yield
     finally:
         cpp.get_loop_body_lowp_fp = original
+
+
+@contextlib.contextmanager
+def _vector_bit_casts(cpp):
+    """Bit casts between float32 and int32 vectors (:func:`stochastic_round`'s) become vector casts
+    (``at::vec::cast``) in inductor's CPU code generator (module ``cpp``); yields whether they do.
+
+    Inductor has no vector form of a bit cast: it stores the vector, casts element by element and
+    loads the result back, which also kept stochastic rounding from being tiled by bf16's width
+    (:func:`_bf16_tiling`). Other bit casts are generated as before.
+    """
+    from torch._inductor.virtualized import V
+
+    overrides = getattr(cpp, "CppVecOverrides", None)
+    original = vars(overrides).get("to_dtype_bitcast") if overrides is not None else None
+    if not isinstance(original, staticmethod) or not hasattr(cpp, "DTYPE_TO_CPP"):
+        yield False
+        return
+
+    def bit_cast(x, dtype, src_dtype):
+        vectors = getattr(V.kernel, "_get_num_vectors", None)
+        if {dtype, src_dtype} != {torch.float32, torch.int32} or vectors is None:
+            return original.__func__(x, dtype, src_dtype)
+        target, n = cpp.DTYPE_TO_CPP[dtype], vectors(src_dtype)
+        if n == 1:
+            return f"at::vec::cast<{target}>({x})"
+        parts = ", ".join(f"at::vec::cast<{target}>({x}[{i}])" for i in range(n))
+        return f"at::vec::VectorizedN<{target},{n}>({parts})"
+
+    overrides.to_dtype_bitcast = staticmethod(bit_cast)
+    try:
+        yield True
+    finally:
+        overrides.to_dtype_bitcast = original
 
 
 def _only_moves(body) -> bool:
@@ -584,7 +630,7 @@ def _compiled(fn: Callable, key: tuple) -> Callable:
 
 @functools.cache
 def _cache_marker() -> dict[str, Any]:
-    """The inductor option that puts :func:`_bf16_tiling` into the cache key of every compiled
+    """The inductor option that puts :func:`_cpu_codegen` into the cache key of every compiled
     step: a post-grad pass that changes nothing and whose ``uuid`` names it. Empty where this
     torch lacks the hook. (Imported here, not at module level: ``torch._inductor`` takes seconds.)"""
     try:
@@ -592,14 +638,14 @@ def _cache_marker() -> dict[str, Any]:
     except ImportError:
         return {}
 
-    class BF16TilingMarker(CustomGraphPass):
+    class CodegenMarker(CustomGraphPass):
         def __call__(self, graph) -> None:
             pass
 
         def uuid(self) -> str:
-            return "shine: bf16 tiling despite data-only loop bodies, 1"
+            return "shine: bf16 tiling despite data-only loop bodies, 1; vector bit casts, 1"
 
-    return {"post_grad_custom_post_pass": BF16TilingMarker()}
+    return {"post_grad_custom_post_pass": CodegenMarker()}
 
 
 _COMPILER_ERRORS: dict[str, str] = {}
