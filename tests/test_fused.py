@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import shine
 from shine import engine, validation
+from rules.support import generated_code
 
 # 0-d, 1-d, 2-d wide and tall, 4-d conv kernel.
 SHAPES = [(), (5,), (3, 7), (7, 3), (2, 3, 3, 3)]
@@ -356,7 +357,7 @@ def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     p, g = torch.randn(8), torch.randn(8)
     state = {"exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8)}
     step = engine._compiled.__wrapped__(engine.pipeline_step, (pipe, "parallel-test"))  # a fresh compile
-    assert "#pragma omp parallel" in _generated_code(step, pipe, p, g, state, hyper, None)
+    assert "#pragma omp parallel" in generated_code(step, pipe, p, g, state, hyper, None)
 
 
 def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch):
@@ -429,20 +430,10 @@ def test_cached_graph_calls_equal_dynamo_calls(monkeypatch):
             assert torch.equal(a, e)
 
 
-def _generated_code(fn, *args):
-    """The code that calling the compiled ``fn`` generates, with inductor's cache off (a hit
-    generates none)."""
-    from torch._inductor.utils import run_and_get_code
-
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        _, code = run_and_get_code(fn, *args)
-    return "\n".join(code)
-
-
 def _step_code(opt):
     """The C++ that compiling ``opt``'s fused step generates (compiled afresh, no cache hits)."""
     torch._dynamo.reset()
-    return _generated_code(opt.step)
+    return generated_code(opt.step)
 
 
 @needs_compiler

@@ -7,9 +7,7 @@ file, not once per optimizer). Rank 0's return value comes back to the caller.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import tempfile
 import traceback
 import warnings
@@ -185,16 +183,10 @@ def job_equivalence(rank: int, world: int, cases: list[tuple[str, str]]):
 
 
 # ---- launcher ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, job: Callable, args: tuple, out: str) -> None:
+def _entry(rank: int, world: int, store: str, job: Callable, args: tuple, out: str) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = job(rank, world, *args)
         if rank == 0:
@@ -204,12 +196,14 @@ def _entry(rank: int, world: int, port: int, job: Callable, args: tuple, out: st
 
 
 def launch(job: Callable, world: int, *args: Any) -> Any:
-    """Run ``job(rank, world, *args)`` in ``world`` fresh processes (gloo, 127.0.0.1); rank 0's result."""
+    """Run ``job(rank, world, *args)`` in ``world`` fresh processes (gloo on 127.0.0.1, meeting
+    through a file store: a port picked beforehand could be taken by the time they bind it);
+    rank 0's result."""
     if Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.spawn(_entry, args=(world, _free_port(), job, args, out), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), job, args, out), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
 
 

@@ -77,3 +77,13 @@ def assert_fp32_state(opt):
         for key, value in state.items():
             if torch.is_tensor(value) and value.is_floating_point():
                 assert value.dtype == torch.float32, (key, value.dtype, p.dtype)
+
+
+def generated_code(fn, *args) -> str:
+    """The code that calling the compiled ``fn`` generates, with inductor's cache off (a hit
+    generates none)."""
+    from torch._inductor.utils import run_and_get_code
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(fn, *args)
+    return "\n".join(code)
