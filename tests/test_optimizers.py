@@ -142,6 +142,56 @@ def test_step_hooks_and_closure():
     assert calls == ["pre", "post"]
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["auto", "fused"])
+@pytest.mark.parametrize("name", NAMES + ["cautious-wrapper"])
+def test_compiled_step_matches_the_plain_step(name, fused):
+    """``torch.compile(opt.step)``, the usual way to compile a torch optimizer's step, runs and
+    gives the plain step's numbers (shine's update runs outside the enclosing compile; the fused
+    path compiles its own kernels)."""
+    if not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    if name == "cautious-wrapper" and fused:
+        pytest.skip("the wrapper takes the inner optimizer's own options")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = (shine.Cautious(torch.optim.AdamW(model.parameters(), lr=1e-2)) if name == "cautious-wrapper"
+               else make(name, model, fused=fused))
+        step = torch.compile(opt.step) if compiled else opt.step
+        for t in range(3):
+            opt.zero_grad()
+            loss_fn(model, t).backward()
+            step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_compiled_training_step_matches_eager():
+    """A whole training step under ``torch.compile`` (forward, backward and ``opt.step()``): the
+    same parameters as eagerly, to the rounding of the compiled forward and backward."""
+    if not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = make("c-adamw", model, fused=True)
+
+        def train_step(t):
+            opt.zero_grad()
+            loss_fn(model, t).backward()
+            opt.step()
+
+        run = torch.compile(train_step) if compiled else train_step
+        for t in range(3):
+            run(t)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_parameters_without_grad_are_skipped():
     p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     opt = shine.CAME([p, q], lr=0.1)

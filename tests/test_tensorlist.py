@@ -1,4 +1,6 @@
 """TensorList: the multi-tensor path computes what the per-tensor path computes."""
+import copy
+
 import pytest
 import torch
 
@@ -80,3 +82,13 @@ def test_number_operands_give_the_per_tensor_bits(dtype):
             got = op(TensorList(a), c)
             for g, e in zip(got, expected):
                 assert g.dtype == e.dtype and torch.equal(g, e), f"{name} {c} {dtype}"
+
+
+def test_protocol_attributes_are_not_mapped_methods():
+    """Unknown tensor methods map over the list, but Python's protocol lookups (``__dict__``,
+    ``__deepcopy__``, ...) find nothing: torch.compile's tracer and ``copy`` ask for them."""
+    tl = TensorList([torch.ones(2), torch.zeros(3)])
+    assert not hasattr(tl, "__dict__") and not hasattr(tl, "__deepcopy__")
+    copied = copy.deepcopy(tl)
+    assert copied is not tl and all(torch.equal(a, b) for a, b in zip(copied, tl))
+    assert [t.shape for t in tl.flatten()] == [torch.Size([2]), torch.Size([3])]

@@ -151,6 +151,10 @@ class ShineOptimizer(Optimizer):
         return state
 
     # ---- the step --------------------------------------------------------------------
+    # Outside any enclosing torch.compile (``torch.compile(opt.step)``, or a compiled training
+    # step): dynamo would break its graph at every host check here and re-trace the multi-tensor
+    # path, while the fused path compiles its own kernels either way.
+    @torch.compiler.disable
     def _update(self) -> bool:
         """Run every bucket once; returns False when a non-finite gradient made it skip.
 

@@ -101,6 +101,9 @@ class TensorList:
 
     # ---- everything else: one call per element -------------------------------------
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocols (``__dict__``, ``__deepcopy__``, ...) are not tensor methods
+            raise AttributeError(name)
+
         def method(*args, **kwargs):
             return _map(lambda t, *a: getattr(t, name)(*a, **kwargs), self, *args)
         return method
