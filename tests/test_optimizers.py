@@ -192,6 +192,30 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", [dict(foreach=False, fused=False), dict(fused=False), dict(fused=True)],
+                         ids=["per_tensor", "foreach", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_channels_last_parameters_step_like_contiguous_ones(name, path):
+    """Conv kernels in channels-last layout (common in vision training) take the same steps as
+    the same values laid out contiguously; CAME views its momentum as the factored matrix, which
+    a channels-last state tensor has no view for."""
+    if path.get("fused") and not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(6, 4, 3, 3, generator=gen)
+    grads = [torch.randn(6, 4, 3, 3, generator=gen) for _ in range(3)]
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        p = nn.Parameter(init.clone().contiguous(memory_format=layout))
+        opt = make(name, [p], **path)
+        for g in grads:
+            p.grad = g.contiguous(memory_format=layout)
+            opt.step()
+        assert p.is_contiguous(memory_format=layout)
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
 def test_parameters_without_grad_are_skipped():
     p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     opt = shine.CAME([p, q], lr=0.1)

@@ -20,10 +20,13 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 def state_zeros(p: Tensor, shape: Iterable[int] | None = None, *,
-                reduce: tuple[Iterable[int], int] | None = None) -> Tensor:
+                reduce: tuple[Iterable[int], int] | None = None,
+                memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
     """Zero optimizer state for ``p``: fp32 for fp16/bf16 parameters, else ``p``'s dtype.
 
-    With no ``shape`` it is ``zeros_like(p)`` (so a DTensor parameter gets DTensor state).
+    With no ``shape`` it is ``zeros_like(p)`` (so a DTensor parameter gets DTensor state), laid
+    out like ``p`` unless ``memory_format`` says otherwise (``torch.contiguous_format`` for state
+    that the rule views in another shape: a channels-last tensor has no such view).
     ``reduce=(view_shape, dim)`` gives state shaped like ``p.reshape(view_shape).sum(dim)``
     (CAME's row/column statistics), placed as that reduction is for a DTensor ``p``.
     """
@@ -31,7 +34,7 @@ def state_zeros(p: Tensor, shape: Iterable[int] | None = None, *,
     if reduce is not None:
         return distributed.reduced_zeros(p, tuple(reduce[0]), reduce[1], dtype)
     if shape is None:
-        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, dtype=dtype, memory_format=memory_format)
     return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
 
 

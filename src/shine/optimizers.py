@@ -327,7 +327,9 @@ class CAME(ShineOptimizer):
             return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
         row, col = rules.factored_shapes(p.shape, group["factor_conv"])
         view = (*row, col[-1])  # the rule's view of the gradient; row = mean over -1, col = mean over -2
-        return {"exp_avg": state_zeros(p), "exp_avg_sq_row": state_zeros(p, reduce=(view, -1)),
+        # contiguous: the rule views the momentum as the factored matrix (p may be channels-last)
+        return {"exp_avg": state_zeros(p, memory_format=torch.contiguous_format),
+                "exp_avg_sq_row": state_zeros(p, reduce=(view, -1)),
                 "exp_avg_sq_col": state_zeros(p, reduce=(view, -2)),
                 "exp_avg_res_row": state_zeros(p, reduce=(view, -1)),
                 "exp_avg_res_col": state_zeros(p, reduce=(view, -2))}
