@@ -137,3 +137,26 @@ def test_fused_bf16_everything(name):
     fused_sr = _run(name, torch.bfloat16, torch.bfloat16, True, True)
     for a, e in zip(fused_sr, ref):
         torch.testing.assert_close(a, e, rtol=0, atol=5e-2)
+
+
+@pytest.mark.skipif(not engine.compiler_available("cpu"), reason="torch.compile unavailable")
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="this torch has no grad_dtype")
+@pytest.mark.parametrize("name", ["adamw", "lion", "c-mars-adamw", "came"])
+def test_fused_step_of_bf16_weights_with_fp32_gradients(name):
+    """``p.grad_dtype = torch.float32`` (fp32 gradients of bf16 weights) compiles on the fused path
+    (no fallback warning) and matches the multi-tensor path to a bf16 rounding."""
+    import warnings
+
+    results = []
+    for fused in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
+        p.grad_dtype = torch.float32
+        opt = shine.create_optimizer([p], name, lr=1e-2, fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                p.grad = torch.randn(64, 32, generator=gen)
+                opt.step()
+        results.append(p.detach().float())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=2e-3)

@@ -392,8 +392,12 @@ class FusedArgs(NamedTuple):
 
 
 def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]) -> FusedArgs:
-    """The compiled step's arguments for one tensor: 1-D views for the shape-free preconditioners."""
+    """The compiled step's arguments for one tensor: 1-D views for the shape-free preconditioners.
+    The parameter goes in detached (its storage, without its autograd attributes): the compiler
+    copies a parameter's ``.grad`` into its stand-in, which fails where ``p.grad_dtype`` lets the
+    gradient's dtype differ from the parameter's (fp32 gradients of bf16 weights)."""
     state = {n: s[n] for n in _state_names(pipe)}
+    p = p.detach()
     if (pipe.precondition in _SHAPE_FREE and p.is_contiguous() and g.is_contiguous()
             and all(t.is_contiguous() for t in state.values())):
         p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
