@@ -87,6 +87,46 @@ def test_scheduler_lr_zero_freezes_parameters(name, tiny_net):
         assert moved == (t < 2), t
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_under_a_scheduler_matches_a_number(name):
+    """``lr`` as a 0-d tensor (torch.optim accepts one; a scheduler fills it in place) steps exactly
+    as the same number does."""
+    results = []
+    for tensor in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        lr = LR[name.removeprefix("c-")]
+        opt = shine.create_optimizer(model, name, lr=torch.tensor(lr) if tensor else lr)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for t in range(3):
+            opt.zero_grad()
+            loss_fn(model, t).backward()
+            opt.step()
+            schedule.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key, value", [("lr", math.inf), ("lr", math.nan), ("lr", -1.0),
+                                        ("weight_decay", math.nan), ("betas", (1.5, 0.99))])
+def test_hyperparameters_set_after_construction_are_checked_at_the_step(key, value):
+    """A bad value written into a param group later (by hand or by a scheduler) raises at the next
+    step, naming it, and nothing is written."""
+    model = TinyNet()
+    opt = make("adamw", model)
+    train(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.param_groups[0][key] = value
+    loss_fn(model, 1).backward()
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
+
+
 def test_mars_1d_lr_follows_the_schedule():
     """Non-2-D MARS tensors use lr_1d * lr / lr_at_construction: halving lr halves their AdamW step."""
     steps = []

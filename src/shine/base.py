@@ -169,6 +169,9 @@ class ShineOptimizer(Optimizer):
         """
         name = type(self).__name__
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        for group, ps in active:  # hyperparameters set after construction (schedulers, by hand)
+            if ps:
+                self._check_group(group)
         params = [p for _, ps in active for p in ps]
         for p in params:
             check_grad(p.grad, name)
@@ -275,6 +278,11 @@ def _rounding(group: dict[str, Any]) -> dict[str, bool]:
     if sr is None:
         sr = group.get("state_dtype") == torch.bfloat16
     return {"stochastic_rounding": True} if sr else {}
+
+
+def group_lr(group: dict[str, Any]) -> float:
+    """A group's learning rate as a number (it may be a 0-d tensor that a scheduler fills)."""
+    return float(group["lr"])
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from . import rules
-from .base import ShineOptimizer, decay_factor, run_closure, state_zeros
+from .base import ShineOptimizer, decay_factor, group_lr, run_closure, state_zeros
 from .engine import LOW_PRECISION, Pipeline
-from .validation import check_betas, check_choice, check_finite_nonneg, require
+from .validation import check_betas, check_choice, check_finite_nonneg, check_lr, require
 
 _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
@@ -31,7 +31,7 @@ def _common(cautious: bool, maximize: bool) -> dict[str, Any]:
 
 
 def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
-    check_finite_nonneg("lr", group["lr"], positive=positive_lr)
+    check_lr(group["lr"], positive=positive_lr)
     check_finite_nonneg("weight_decay", group["weight_decay"])
 
 
@@ -76,7 +76,7 @@ class AdamW(ShineOptimizer):
 
     def _pipeline(self, group, route):
         beta1, beta2 = group["betas"]
-        return _adam_pipeline(group), dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]),
+        return _adam_pipeline(group), dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]),
                                            beta1=beta1, beta2=beta2, eps=group["eps"])
 
 
@@ -117,7 +117,7 @@ class Lion(ShineOptimizer):
         beta1, beta2 = group["betas"]
         pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"), direction_sign=rules.next_momentum,
                         cautious=group["cautious"], maximize=group["maximize"])
-        return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]),
+        return pipe, dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]),
                           beta1=beta1, beta2=beta2)
 
 
@@ -186,7 +186,9 @@ class MARS(ShineOptimizer):
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group):
-        _check_lr_wd(group, positive_lr=True)
+        # > 0 when the group is added (the 1-D lr follows lr / its first value); a scheduler may
+        # take it to 0 later
+        _check_lr_wd(group, positive_lr="lr_at_construction" not in group)
         check_betas("betas", group["betas"], 2)
         check_finite_nonneg("eps", group["eps"])
         check_finite_nonneg("gamma", group["gamma"])
@@ -201,7 +203,7 @@ class MARS(ShineOptimizer):
         require(group["approx"] or self.max_grad_norm is None,
                 "Invalid max_grad_norm with approx=False: exact mode's stashed gradient would not be clipped "
                 "with the current one; clip both with torch.nn.utils.clip_grad_norm_ before stash_grad() and step()")
-        group.setdefault("lr_at_construction", group["lr"])
+        group.setdefault("lr_at_construction", group_lr(group))
 
     def _route(self, group, p):
         if not (p.ndim == 2 or group["optimize_1d"]):
@@ -219,7 +221,7 @@ class MARS(ShineOptimizer):
         return state
 
     def _pipeline(self, group, route):
-        lr, (beta1, beta2) = group["lr"], group["betas"]
+        lr, (beta1, beta2) = group_lr(group), group["betas"]
         if route == "adamw_1d":
             lr_1d = lr * group["lr_1d"] / group["lr_at_construction"]
             beta1_1d, beta2_1d = group["betas_1d"]
@@ -345,6 +347,6 @@ class CAME(ShineOptimizer):
                                                   "exp_avg_res_col"),
                             ("beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold"),
                             statistics=rules.came_row_statistics, **flags)
-        return pipe, dict(lr=group["lr"], decay=decay_factor(group["lr"], group["weight_decay"]), beta1=beta1,
+        return pipe, dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]), beta1=beta1,
                           beta2=beta2, beta3=beta3, eps1=group["eps"][0], eps2=group["eps"][1],
                           clip_threshold=group["clip_threshold"])

@@ -25,6 +25,16 @@ def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> Non
             f"Invalid {name}: {value!r} (expected a finite number {bound})")
 
 
+def check_lr(value: Any, *, positive: bool = False) -> None:
+    """:func:`check_finite_nonneg` for ``lr``, which may also be a 0-d floating-point tensor, as
+    torch.optim allows (an LR scheduler then fills it in place)."""
+    if isinstance(value, torch.Tensor):
+        require(value.ndim == 0 and value.is_floating_point() and not value.is_complex(),
+                f"Invalid lr: {value!r} (expected a number or a 0-d floating-point tensor)")
+        value = value.item()
+    check_finite_nonneg("lr", value, positive=positive)
+
+
 def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
     """``count`` coefficients, each in [0, 1)."""
     require(isinstance(betas, (tuple, list)) and len(betas) == count,
