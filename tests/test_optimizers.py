@@ -256,6 +256,26 @@ def test_channels_last_parameters_step_like_contiguous_ones(name, path):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["auto", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_step_inside_autocast_is_the_step_outside(name, fused):
+    """A training loop that calls ``opt.step()`` inside ``torch.autocast`` gets the same update:
+    MARS-Shampoo's Newton-Schulz products would otherwise run in bf16."""
+    if fused and not shine.engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    results = []
+    for autocast in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(24, 16, generator=gen))
+        opt = make(name, [p], fused=fused)
+        for _ in range(3):
+            p.grad = torch.randn(24, 16, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
+
+
 def test_parameters_without_grad_are_skipped():
     p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     opt = shine.CAME([p, q], lr=0.1)

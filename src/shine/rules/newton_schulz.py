@@ -16,10 +16,13 @@ def newton_schulz5(m: torch.Tensor, *, steps: int = 5, eps: float = 1e-7, dtype:
     transpose = m.shape[-2] > m.shape[-1]
     if transpose:
         x = x.mT
-    for _ in range(steps):
-        a = x @ x.mT
-        b = a @ x
-        x = _A * x + _B * b + _C * (a @ b)
+    # in ``dtype`` even where the caller steps inside torch.autocast (which would run the
+    # products in bf16 or fp16)
+    with torch.autocast(m.device.type, enabled=False):
+        for _ in range(steps):
+            a = x @ x.mT
+            b = a @ x
+            x = _A * x + _B * b + _C * (a @ b)
     if transpose:
         x = x.mT
     return x.to(m.dtype)
