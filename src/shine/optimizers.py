@@ -35,6 +35,12 @@ def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
     check_finite_nonneg("weight_decay", group["weight_decay"])
 
 
+def _lr_and_decay(group: dict[str, Any]) -> dict[str, float]:
+    """The step's ``lr`` (a number) and the decoupled weight decay's factor ``1 - lr * wd``."""
+    lr = group_lr(group)
+    return {"lr": lr, "decay": decay_factor(lr, group["weight_decay"])}
+
+
 def _adam_pipeline(group: dict[str, Any], **flags: Any) -> Pipeline:
     return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"),
                     ("beta1", "beta2", "eps", "bias_correction1", "bias_correction2_sqrt"),
@@ -76,7 +82,7 @@ class AdamW(ShineOptimizer):
 
     def _pipeline(self, group, route):
         beta1, beta2 = group["betas"]
-        return _adam_pipeline(group), dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]),
+        return _adam_pipeline(group), dict(**_lr_and_decay(group),
                                            beta1=beta1, beta2=beta2, eps=group["eps"])
 
 
@@ -117,7 +123,7 @@ class Lion(ShineOptimizer):
         beta1, beta2 = group["betas"]
         pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"), direction_sign=rules.next_momentum,
                         cautious=group["cautious"], maximize=group["maximize"])
-        return pipe, dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]),
+        return pipe, dict(**_lr_and_decay(group),
                           beta1=beta1, beta2=beta2)
 
 
@@ -234,7 +240,7 @@ class MARS(ShineOptimizer):
             pipe = Pipeline(rules.sign_momentum, ("exp_avg",), ("beta1",), direction_sign=rules.next_momentum, **flags)
         else:
             pipe = Pipeline(rules.orthogonal_momentum, ("exp_avg",), ("beta1", "ns_steps", "ns_dtype"), **flags)
-        return pipe, dict(lr=lr, decay=decay_factor(lr, group["weight_decay"]), beta1=beta1, beta2=beta2,
+        return pipe, dict(**_lr_and_decay(group), beta1=beta1, beta2=beta2,
                           eps=group["eps"], gamma=group["gamma"], ns_steps=group["ns_steps"],
                           ns_dtype=group["ns_dtype"])
 
@@ -347,6 +353,6 @@ class CAME(ShineOptimizer):
                                                   "exp_avg_res_col"),
                             ("beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold"),
                             statistics=rules.came_row_statistics, **flags)
-        return pipe, dict(lr=group_lr(group), decay=decay_factor(group_lr(group), group["weight_decay"]), beta1=beta1,
+        return pipe, dict(**_lr_and_decay(group), beta1=beta1,
                           beta2=beta2, beta3=beta3, eps1=group["eps"][0], eps2=group["eps"][1],
                           clip_threshold=group["clip_threshold"])
