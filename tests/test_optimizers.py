@@ -61,6 +61,44 @@ def test_state_dict_resume_is_bit_identical(name):
         assert torch.equal(a, b)
 
 
+def test_torch_adamw_state_loads_into_shine_adamw():
+    """Switching a run from ``torch.optim.AdamW`` to :class:`shine.AdamW` through ``load_state_dict``:
+    the groups take shine's defaults for the options torch's lack, and the next steps are torch's."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    reference = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, reference, 3)
+    switched = copy.deepcopy(model)
+    opt = shine.AdamW(switched.parameters(), lr=1e-2)
+    opt.load_state_dict(reference.state_dict())
+    train(model, reference, 2, start=3)
+    train(switched, opt, 2, start=3)
+    for a, b in zip(model.parameters(), switched.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_loaded_state_is_a_copy():
+    """Stepping an optimizer that loaded another's state dict leaves the other's state alone
+    (torch shares the tensors, so each step also advanced the source's step counts)."""
+    model = TinyNet()
+    source = make("adamw", model)
+    train(model, source, 2)
+    saved = copy.deepcopy(source.state_dict()["state"])
+    opt = make("adamw", model)
+    opt.load_state_dict(source.state_dict())
+    train(model, opt, 2, start=2)
+    after = source.state_dict()["state"]
+    assert all(torch.equal(saved[i][k], after[i][k]) for i in saved for k in saved[i])
+
+
+def test_state_of_another_optimizer_is_an_error_naming_what_is_missing():
+    model = TinyNet()
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    train(model, sgd, 1)
+    with pytest.raises(ValueError, match="has no step, exp_avg, exp_avg_sq; it holds momentum_buffer"):
+        shine.AdamW(model.parameters()).load_state_dict(sgd.state_dict())
+
+
 def test_state_dict_keeps_fp32_state_for_bf16_params():
     p = nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
     opt = shine.AdamW([p])

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import distributed, engine
 from .engine import Pipeline
-from .validation import check_choice, check_finite_nonneg, check_grad, check_param
+from .validation import check_choice, check_finite_nonneg, check_grad, check_param, require
 
 NONFINITE = ("raise", "skip", "ignore")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -125,7 +125,16 @@ class ShineOptimizer(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping each state tensor's saved dtype (torch would cast fp32 state to bf16 params)."""
+        """Load copies of the saved state (torch shares the tensors with the source, whose steps then
+        count this optimizer's too), keeping each tensor's saved dtype (torch would cast fp32 state
+        to bf16 params).
+
+        A state dict saved by another optimizer loads where it holds this one's state: from
+        ``torch.optim.AdamW`` into :class:`shine.AdamW` (the same ``exp_avg``, ``exp_avg_sq``
+        and ``step``), its groups taking this optimizer's defaults for the options it lacks.
+        Otherwise a parameter whose saved state lacks a tensor this optimizer needs is an error
+        that names it (the first step would have replaced the loaded state by zeros, or failed).
+        """
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
@@ -134,6 +143,22 @@ class ShineOptimizer(Optimizer):
             for key, value in saved.get(i, {}).items():
                 if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=True)
+                elif key == "step" and isinstance(value, Tensor):  # torch would share it with the source
+                    self.state[p][key] = value.clone()
+        index = 0
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._check_group(group)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    needed = ("step", *engine.state_names(self._pipeline(group, self._route(group, p))[0]))
+                    missing = [key for key in needed if key not in state]
+                    require(not missing, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
+                                         f"#{index} (shape {tuple(p.shape)}) has no {', '.join(missing)}; it "
+                                         f"holds {', '.join(sorted(state))}, saved by another optimizer?")
+                index += 1
 
     def init_state(self) -> None:
         """Create every parameter's zero state now, as the first step would, without stepping.

@@ -308,11 +308,12 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
 
 
 def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
-    state = {name: TensorList(s[name] for s in states) for name in _state_names(pipe)}
+    state = {name: TensorList(s[name] for s in states) for name in state_names(pipe)}
     pipeline_step(pipe, TensorList(params), TensorList(grads), state, hyper)
 
 
-def _state_names(pipe: Pipeline) -> tuple[str, ...]:
+def state_names(pipe: Pipeline) -> tuple[str, ...]:
+    """The per-element state tensors a step of ``pipe`` reads and writes."""
     return pipe.state + (("prev_grad",) if pipe.correction else ())
 
 
@@ -396,7 +397,7 @@ def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]) -> Fuse
     The parameter goes in detached (its storage, without its autograd attributes): the compiler
     copies a parameter's ``.grad`` into its stand-in, which fails where ``p.grad_dtype`` lets the
     gradient's dtype differ from the parameter's (fp32 gradients of bf16 weights)."""
-    state = {n: s[n] for n in _state_names(pipe)}
+    state = {n: s[n] for n in state_names(pipe)}
     p = p.detach()
     if (pipe.precondition in _SHAPE_FREE and p.is_contiguous() and g.is_contiguous()
             and all(t.is_contiguous() for t in state.values())):
