@@ -23,6 +23,16 @@ def loss_fn(model, seed):
     return nn.functional.cross_entropy(model(tokens), target)
 
 
+def _state_copy(opt):
+    return copy.deepcopy(opt.state_dict()["state"])
+
+
+def _assert_state_is(opt, saved):
+    """Every tensor of ``saved`` (a :func:`_state_copy`) equals ``opt``'s now."""
+    now = opt.state_dict()["state"]
+    assert all(torch.equal(saved[i][k], now[i][k]) for i in saved for k in saved[i])
+
+
 def train(model, opt, steps, start=0):
     for t in range(start, start + steps):
         opt.zero_grad()
@@ -83,12 +93,11 @@ def test_loaded_state_is_a_copy():
     model = TinyNet()
     source = make("adamw", model)
     train(model, source, 2)
-    saved = copy.deepcopy(source.state_dict()["state"])
+    saved = _state_copy(source)
     opt = make("adamw", model)
     opt.load_state_dict(source.state_dict())
     train(model, opt, 2, start=2)
-    after = source.state_dict()["state"]
-    assert all(torch.equal(saved[i][k], after[i][k]) for i in saved for k in saved[i])
+    _assert_state_is(source, saved)
 
 
 def test_state_of_another_optimizer_is_an_error_naming_what_is_missing():
@@ -155,14 +164,13 @@ def test_hyperparameters_set_after_construction_are_checked_at_the_step(key, val
     opt = make("adamw", model)
     train(model, opt, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.state_dict()["state"])
+    state = _state_copy(opt)
     opt.param_groups[0][key] = value
     loss_fn(model, 1).backward()
     with pytest.raises(ValueError, match=f"Invalid {key}"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    after = opt.state_dict()["state"]
-    assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
+    _assert_state_is(opt, state)
 
 
 def test_mars_1d_lr_follows_the_schedule():

@@ -29,7 +29,7 @@ def check_lr(value: Any, *, positive: bool = False) -> None:
     """:func:`check_finite_nonneg` for ``lr``, which may also be a 0-d floating-point tensor, as
     torch.optim allows (an LR scheduler then fills it in place)."""
     if isinstance(value, torch.Tensor):
-        require(value.ndim == 0 and value.is_floating_point() and not value.is_complex(),
+        require(value.ndim == 0 and value.is_floating_point(),  # complex is not floating point
                 f"Invalid lr: {value!r} (expected a number or a 0-d floating-point tensor)")
         value = value.item()
     check_finite_nonneg("lr", value, positive=positive)
