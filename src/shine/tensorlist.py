@@ -89,10 +89,13 @@ class TensorList:
         else:
             torch._foreach_copy_(self.tensors, self._arg(o))
         return self
+    def addcmul_(self, a, b, *, value=1):
+        torch._foreach_addcmul_(self.tensors, self._arg(a), self._arg(b), value=value); return self
     def lerp_(self, end, w): torch._foreach_lerp_(self.tensors, self._arg(end), self._arg(w)); return self
     def lerp(self, end, w): return TensorList(torch._foreach_lerp(self.tensors, self._arg(end), self._arg(w)))
     def sqrt(self): return TensorList(torch._foreach_sqrt(self.tensors))
     def rsqrt(self): return TensorList(torch._foreach_rsqrt(self.tensors))
+    def reciprocal_(self): torch._foreach_reciprocal_(self.tensors); return self
     def sign(self): return TensorList(torch._foreach_sign(self.tensors))
     def sign_(self): torch._foreach_sign_(self.tensors); return self
     def abs(self): return TensorList(torch._foreach_abs(self.tensors))

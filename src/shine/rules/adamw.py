@@ -1,5 +1,5 @@
 """Adam's preconditioner (the "AdamW" of Loshchilov & Hutter, decay applied separately)."""
-from .ema import ema_
+from .ema import ema_, ema_square_
 
 
 def adamw_bias_corrections(hyper):
@@ -15,9 +15,11 @@ def adamw_bias_corrections(hyper):
 def adamw(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt):
     """Update the first and second moments with ``x``; return ``m_hat / (sqrt(v_hat) + eps)``.
 
-    The bias corrections come from :func:`adamw_bias_corrections`.
+    The bias corrections come from :func:`adamw_bias_corrections`. The result is written into
+    the one temporary (the denominator, inverted in place), so the eager paths allocate one
+    tensor per step where ``exp_avg / bias_correction1 / denominator`` took two more.
     """
     ema_(exp_avg, x, 1 - beta1)
-    ema_(exp_avg_sq, x * x, 1 - beta2)
+    ema_square_(exp_avg_sq, x, 1 - beta2)
     denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    return (exp_avg / bias_correction1).div_(denominator)
+    return denominator.reciprocal_().mul_(exp_avg).div_(bias_correction1)

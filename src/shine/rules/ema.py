@@ -17,6 +17,20 @@ def ema_(average, x, weight):
     return average.lerp_(x, weight)
 
 
+def ema_square_(average, x, weight):
+    """:func:`ema_` towards ``x * x``, without a temporary for the square.
+
+    Eagerly ``average * (1 - weight) + weight * x * x`` in two in-place passes (``mul_``, then
+    ``addcmul_``): an ``x * x`` temporary is a fresh allocation every step, and on the CPU the
+    allocator hands large blocks back to the system and takes them again, page by page (the
+    multi-tensor AdamW step of a 5M-parameter model took 1.5 times as long with its three
+    temporaries as with one). Compiled, no temporary is stored either way.
+    """
+    if torch.compiler.is_compiling():
+        return average.mul_(1 - weight).add_(x * x * weight)
+    return average.mul_(1 - weight).addcmul_(x, x, value=weight)
+
+
 def ema(average, x, weight):
     """:func:`ema_` without writing ``average``: the average it would move to."""
     if torch.compiler.is_compiling():
