@@ -308,8 +308,36 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
 
 
 def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
-    state = {name: TensorList(s[name] for s in states) for name in state_names(pipe)}
-    pipeline_step(pipe, TensorList(params), TensorList(grads), state, hyper)
+    for start, stop in _foreach_groups(pipe, params):
+        state = {name: TensorList(s[name] for s in states[start:stop]) for name in state_names(pipe)}
+        pipeline_step(pipe, TensorList(params[start:stop]), TensorList(grads[start:stop]), state, hyper)
+
+
+#: On these devices the multi-tensor path steps a bucket of a shape-free rule in groups of
+#: consecutive tensors of at most this many elements (a larger tensor forms a group of its own),
+#: not all at once. Each of the rule's kernels then passes over a group while the group's state and
+#: temporaries are still in cache, and the temporaries of a group (a few full-size tensors) are
+#: freed before the next group makes its own, so the allocator reuses the same memory instead of
+#: fetching fresh pages: the peak of the temporaries is that of the largest group, not of the
+#: whole model. Every tensor's numbers are unchanged (the rules are per tensor). Measured on the
+#: 2-core CPU, grouped/whole step time, one process: a 5.3M-parameter GPT-2 (fused=False) AdamW
+#: 0.75, C-AdamW 0.71-0.79, Lion 0.61, MARS-AdamW 0.87; the arena's ``tiny`` model 0.73-1.02.
+#: Factored CAME and Newton-Schulz work tensor by tensor anyway (CAME measured 1.03-1.07): whole.
+FOREACH_GROUP_NUMEL: dict[str, int] = {"cpu": 262_144}
+
+
+def _foreach_groups(pipe: Pipeline, params: list[Tensor]) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` index ranges of :func:`_run_foreach`'s groups (:data:`FOREACH_GROUP_NUMEL`)."""
+    limit = FOREACH_GROUP_NUMEL.get(params[0].device.type) if params else None
+    if limit is None or pipe.precondition not in _SHAPE_FREE:
+        return [(0, len(params))]
+    groups, start, total = [], 0, 0
+    for i, p in enumerate(params):
+        if i > start and total + p.numel() > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += p.numel()
+    return groups + [(start, len(params))]
 
 
 def state_names(pipe: Pipeline) -> tuple[str, ...]:

@@ -1,0 +1,47 @@
+"""The engine's multi-tensor path: a bucket stepped in groups of tensors."""
+
+import pytest
+import torch
+
+import shine
+from shine import engine
+
+SHAPES = [(), (5,), (3, 7), (7, 3), (4, 3, 3, 3), (40,), (9, 9), (2,)]
+
+
+def test_groups_are_consecutive_and_bounded():
+    """Consecutive ranges covering every tensor, each of at most the limit's elements unless it
+    is one tensor larger than that."""
+    pipe = engine.Pipeline(shine.rules.adamw, ("exp_avg", "exp_avg_sq"), ())
+    sizes = [100, 200_000, 100_000, 5, 300_000, 7]
+    groups = engine._foreach_groups(pipe, [torch.empty(n) for n in sizes])
+    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert engine.FOREACH_GROUP_NUMEL["cpu"] == 262_144
+    shaped = engine.Pipeline(shine.rules.came_factored, (), ())  # works tensor by tensor: one group
+    assert engine._foreach_groups(shaped, [torch.empty(n) for n in sizes]) == [(0, 6)]
+
+
+@pytest.mark.parametrize("name", shine.list_optimizers())
+def test_grouped_step_gives_the_whole_bucket_bits(name, monkeypatch):
+    """Three multi-tensor steps of every optimizer, with the bucket split into groups of at most
+    50 elements and in one call: the same bits (each tensor's math is its own)."""
+    calls = []
+    step = engine.pipeline_step
+    monkeypatch.setattr(engine, "pipeline_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    results = []
+    for limit in ({}, {"cpu": 50}):
+        monkeypatch.setattr(engine, "FOREACH_GROUP_NUMEL", limit)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        opt = shine.create_optimizer(params, name, lr=1e-2, fused=False)
+        calls.clear()
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append((params, len(calls)))
+    (whole, whole_calls), (grouped, grouped_calls) = results
+    if "shampoo" not in name and "came" not in name:  # those work tensor by tensor: never grouped
+        assert grouped_calls > whole_calls
+    for a, b in zip(whole, grouped):
+        assert torch.equal(a, b)
