@@ -205,11 +205,13 @@ class ShineOptimizer(Optimizer):
             return False
         fresh = {p: set(self.state[p]) for p in params if "step" not in self.state[p]}
         probe = self.max_grad_norm is None and self.nonfinite != "ignore"  # pre-passes as the check
-        runs, probed = [], []
+        runs, probed, counts = [], [], []
         for group, ps in active:
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
             for p in ps:
-                step = float(self._init_param_state(group, p)["step"]) + 1
+                count = self._init_param_state(group, p)["step"]
+                step = float(count) + 1
+                counts.append((count, step))
                 # DTensors of one mesh, or plain tensors, never mixed: they cannot share a kernel
                 buckets[(self._route(group, p), p.device, p.dtype, step, distributed.mesh_of(p))].append(p)
             for (route, device, _, step, _), bucket in buckets.items():
@@ -230,8 +232,8 @@ class ShineOptimizer(Optimizer):
                 for key in set(self.state[p]) - keys:
                     del self.state[p][key]
             return self._nonfinite_gradient(params, stacklevel=4) or False
-        for p in params:
-            self.state[p]["step"] += 1
+        for count, step in counts:  # fill_: adding a number to a 0-d tensor took 3-4 times as long (1000 tensors: 3 ms)
+            count.fill_(step)
         for run in runs:
             engine.run_bucket(*run)
         return True
