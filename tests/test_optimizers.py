@@ -108,6 +108,27 @@ def test_state_of_another_optimizer_is_an_error_naming_what_is_missing():
         shine.AdamW(model.parameters()).load_state_dict(sgd.state_dict())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
+    """A state dict whose tensors have other shapes than this optimizer's parameters (here: the
+    parameters in another order) is an error naming the parameter and the shapes, and the
+    optimizer keeps its own state and groups: it steps on as if nothing had been loaded. (It had
+    loaded, then failed inside a kernel at the step, or stepped same-sized state of another shape
+    on the fused path's flat views.)"""
+    model, twin = TinyNet(), TinyNet()
+    source = make(name, list(model.parameters()))
+    train(model, source, 1)
+    params = list(twin.parameters())
+    opt, control = make(name, params[::-1]), make(name, list(TinyNet().parameters())[::-1])
+    train(twin, opt, 1)
+    saved, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
+    with pytest.raises(ValueError, match=r"saved state of parameter #0 \(shape .*\) has (no|exp_avg of shape)"):
+        opt.load_state_dict(source.state_dict())
+    _assert_state_is(opt, saved)
+    assert opt.state_dict()["param_groups"] == groups
+    train(twin, opt, 1, start=1)  # still steps with its own state
+
+
 def test_state_dict_keeps_fp32_state_for_bf16_params():
     p = nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
     opt = shine.AdamW([p])

@@ -132,12 +132,24 @@ class ShineOptimizer(Optimizer):
         A state dict saved by another optimizer loads where it holds this one's state: from
         ``torch.optim.AdamW`` into :class:`shine.AdamW` (the same ``exp_avg``, ``exp_avg_sq``
         and ``step``), its groups taking this optimizer's defaults for the options it lacks.
-        Otherwise a parameter whose saved state lacks a tensor this optimizer needs is an error
-        that names it (the first step would have replaced the loaded state by zeros, or failed).
+        Otherwise a parameter whose saved state lacks a tensor this optimizer needs, or holds one of
+        another shape than this optimizer makes for it (state saved for other parameters, or in
+        another order), is an error that names it, and the optimizer keeps the state it had. The
+        step would otherwise fail midway (after stepping other buckets), or step a same-sized state
+        of another shape silently on the fused path, which works on flat views.
         """
+        before = self.state, self.param_groups  # torch's load_state_dict binds new ones
+        super().load_state_dict(state_dict)
+        try:
+            self._load_copies(state_dict)
+        except Exception:
+            self.state, self.param_groups = before
+            raise
+
+    def _load_copies(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` after torch's: copies of the saved tensors, defaults, checks."""
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
             for key, value in saved.get(i, {}).items():
@@ -153,12 +165,28 @@ class ShineOptimizer(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
-                    needed = ("step", *engine.state_names(self._pipeline(group, self._route(group, p))[0]))
+                    route = self._route(group, p)
+                    needed = ("step", *engine.state_names(self._pipeline(group, route)[0]))
                     missing = [key for key in needed if key not in state]
                     require(not missing, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
                                          f"#{index} (shape {tuple(p.shape)}) has no {', '.join(missing)}; it "
                                          f"holds {', '.join(sorted(state))}, saved by another optimizer?")
+                    self._check_state_shapes(group, route, p, state, index)
                 index += 1
+
+    def _check_state_shapes(self, group: dict[str, Any], route: Hashable, p: Tensor, state: dict[str, Any],
+                            index: int) -> None:
+        """Each loaded state tensor has the shape :meth:`_new_state` makes for ``p`` (made on the meta
+        device: no memory). DTensor parameters are left to ``torch.distributed.checkpoint``, which
+        places their state."""
+        if distributed.is_dtensor(p):
+            return
+        fresh = self._new_state(group, route, torch.empty_like(p, device="meta"))
+        wrong = [f"{key} of shape {tuple(state[key].shape)} (expected {tuple(made.shape)})"
+                 for key, made in fresh.items() if isinstance(state.get(key), Tensor) and state[key].shape != made.shape]
+        require(not wrong, f"{type(self).__name__}.load_state_dict: the saved state of parameter #{index} "
+                           f"(shape {tuple(p.shape)}) has {', '.join(wrong)}; saved for another parameter, or "
+                           f"are the parameters in another order?")
 
     def init_state(self) -> None:
         """Create every parameter's zero state now, as the first step would, without stepping.
