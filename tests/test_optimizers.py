@@ -141,6 +141,40 @@ def test_state_dict_keeps_fp32_state_for_bf16_params():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_model_cast_after_the_state_was_made_is_an_error_that_changes_nothing(name):
+    """``model.double()`` after the first step leaves fp32 state beside fp64 parameters: the step
+    says so before writing anything (it had failed inside a kernel: ``expected dtype float for
+    `end` but got dtype double``). Loading the state dict into a new optimizer is the way on, and
+    steps as an optimizer given the same state in fp64 does."""
+    model = TinyNet()
+    opt = make(name, model)
+    train(model, opt, 1)
+    model.double()
+    opt.zero_grad()
+    loss_fn(model, 1).backward()
+    before, saved = [p.detach().clone() for p in model.parameters()], _state_copy(opt)
+    with pytest.raises(RuntimeError, match=r"parameter #\d+ \(torch.float64 on cpu\) has its state \w+ in "
+                                           r"torch.float32 on cpu; was the model cast or moved"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _assert_state_is(opt, saved)
+
+    resumed, by_hand = make(name, model), make(name, model)
+    resumed.load_state_dict(opt.state_dict())
+    as_fp64 = opt.state_dict()
+    as_fp64["state"] = {i: {k: v.double() if k != "step" else v for k, v in st.items()}
+                        for i, st in as_fp64["state"].items()}
+    by_hand.load_state_dict(as_fp64)
+    assert all(t.dtype == torch.float64 for st in resumed.state.values() for k, t in st.items() if k != "step")
+    resumed.step()
+    after_resumed = [p.detach().clone() for p in model.parameters()]
+    for p, b in zip(model.parameters(), before):
+        p.data.copy_(b)
+    by_hand.step()
+    assert all(torch.equal(a, b) for a, b in zip(after_resumed, model.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_scheduler_lr_zero_freezes_parameters(name, tiny_net):
     """An LR scheduler's value is read at every step: lr 0 (and so no decay) leaves every parameter as it is."""
     opt = make(name, tiny_net, weight_decay=0.1)

@@ -126,8 +126,10 @@ class ShineOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load copies of the saved state (torch shares the tensors with the source, whose steps then
-        count this optimizer's too), keeping each tensor's saved dtype (torch would cast fp32 state
-        to bf16 params).
+        count this optimizer's too), on each parameter's device, keeping each tensor's saved dtype
+        (torch would cast fp32 state to bf16 params) where the step can work with it: state saved
+        for parameters of another precision (fp32 state for now fp64 parameters) takes the dtype
+        this optimizer would make.
 
         A state dict saved by another optimizer loads where it holds this one's state: from
         ``torch.optim.AdamW`` into :class:`shine.AdamW` (the same ``exp_avg``, ``exp_avg_sq``
@@ -154,7 +156,7 @@ class ShineOptimizer(Optimizer):
         for i, p in zip(ids, params):
             for key, value in saved.get(i, {}).items():
                 if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=_loaded_dtype(value.dtype, p.dtype), copy=True)
                 elif key == "step" and isinstance(value, Tensor):  # torch would share it with the source
                     self.state[p][key] = value.clone()
         index = 0
@@ -244,6 +246,7 @@ class ShineOptimizer(Optimizer):
                 buckets[(self._route(group, p), p.device, p.dtype, step, distributed.mesh_of(p))].append(p)
             for (route, device, _, step, _), bucket in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
+                self._check_state_layout(pipe, bucket)
                 hyper = {**hyper, "step": step, **_rounding(group)}
                 if self.max_grad_norm is not None:
                     hyper["grad_scale"] = scale
@@ -265,6 +268,24 @@ class ShineOptimizer(Optimizer):
         for run in runs:
             engine.run_bucket(*run)
         return True
+
+    def _check_state_layout(self, pipe: Pipeline, params: list[Tensor]) -> None:
+        """Each state tensor the step reads is on its parameter's device and works in its dtype
+        (fp32 for both where either is fp16/bf16): a model moved or cast after its optimizer's state
+        was made (``model.double()``, ``model.to(device)``) otherwise failed inside a kernel, midway
+        through the step. About 0.5 us per parameter on the CPU."""
+        names = engine.state_names(pipe)
+        for p in params:
+            state, dtype = self.state[p], _working_dtype(p.dtype)
+            for key in names:
+                t = state[key]
+                if t.device != p.device or _working_dtype(t.dtype) != dtype:
+                    index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+                    raise RuntimeError(
+                        f"{type(self).__name__}: parameter #{index} ({p.dtype} on {p.device}) has its state "
+                        f"{key} in {t.dtype} on {t.device}; was the model cast or moved after the optimizer "
+                        f"made its state? Move it first, or load this optimizer's state_dict into a new one "
+                        f"(load_state_dict places the state on each parameter's device). Nothing was changed.")
 
     def _clip_scale(self, params: list[Tensor]) -> float | None:
         """The factor the gradients enter the update with: 1.0 without ``max_grad_norm``, else the
@@ -325,6 +346,20 @@ def _cast_state(state: dict[str, Tensor], p: Tensor, dtype: torch.dtype | None) 
     if dtype is None:
         return state
     return {k: v.to(dtype) if v.is_floating_point() and v.shape == p.shape else v for k, v in state.items()}
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in for a tensor of ``dtype``: fp32 for fp16/bf16."""
+    return torch.float32 if dtype in engine.LOW_PRECISION else dtype
+
+
+def _loaded_dtype(saved: torch.dtype, param: torch.dtype) -> torch.dtype:
+    """The dtype a loaded state tensor takes: its own where the step works in the parameter's dtype
+    with it (fp32 or bf16 state for fp32/bf16/fp16 parameters, the parameter's own dtype), else the
+    one :func:`state_zeros` makes."""
+    if _working_dtype(saved) == _working_dtype(param):
+        return saved
+    return torch.float32 if param in engine.LOW_PRECISION else param
 
 
 def _rounding(group: dict[str, Any]) -> dict[str, bool]:
