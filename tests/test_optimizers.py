@@ -129,6 +129,28 @@ def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
     train(twin, opt, 1, start=1)  # still steps with its own state
 
 
+@pytest.mark.parametrize("saved_step", [2, 2.0], ids=["int", "float"])
+def test_step_count_saved_as_a_number_loads(saved_step):
+    """A state dict whose step counts are numbers (torch before 1.12 saved ints) resumes as one
+    with tensor counts does."""
+    p = nn.Parameter(torch.randn(4, 4))
+    opt = shine.AdamW([p])
+    for seed in range(2):
+        p.grad = torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))
+        opt.step()
+    saved = opt.state_dict()
+    old_style = copy.deepcopy(saved)
+    old_style["state"][0]["step"] = saved_step
+    q, r = (nn.Parameter(p.detach().clone()) for _ in range(2))
+    numbered, tensored = shine.AdamW([q]), shine.AdamW([r])
+    numbered.load_state_dict(old_style)
+    tensored.load_state_dict(saved)
+    for opt, param in ((numbered, q), (tensored, r)):
+        param.grad = torch.ones(4, 4)
+        opt.step()
+    assert torch.equal(q, r) and float(numbered.state[q]["step"]) == 3.0
+
+
 def test_state_dict_keeps_fp32_state_for_bf16_params():
     p = nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
     opt = shine.AdamW([p])

@@ -159,6 +159,8 @@ class ShineOptimizer(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=_loaded_dtype(value.dtype, p.dtype), copy=True)
                 elif key == "step" and isinstance(value, Tensor):  # torch would share it with the source
                     self.state[p][key] = value.clone()
+                elif key == "step" and isinstance(value, (int, float)):  # as torch < 1.12 saved it
+                    self.state[p][key] = torch.tensor(float(value))
         index = 0
         for group in self.param_groups:
             for key, value in self.defaults.items():
