@@ -30,7 +30,7 @@ def state_zeros(p: Tensor, shape: Iterable[int] | None = None, *,
     ``reduce=(view_shape, dim)`` gives state shaped like ``p.reshape(view_shape).sum(dim)``
     (CAME's row/column statistics), placed as that reduction is for a DTensor ``p``.
     """
-    dtype = torch.float32 if p.dtype in engine.LOW_PRECISION else p.dtype
+    dtype = _working_dtype(p.dtype)
     if reduce is not None:
         return distributed.reduced_zeros(p, tuple(reduce[0]), reduce[1], dtype)
     if shape is None:
@@ -359,9 +359,7 @@ def _loaded_dtype(saved: torch.dtype, param: torch.dtype) -> torch.dtype:
     """The dtype a loaded state tensor takes: its own where the step works in the parameter's dtype
     with it (fp32 or bf16 state for fp32/bf16/fp16 parameters, the parameter's own dtype), else the
     one :func:`state_zeros` makes."""
-    if _working_dtype(saved) == _working_dtype(param):
-        return saved
-    return torch.float32 if param in engine.LOW_PRECISION else param
+    return saved if _working_dtype(saved) == _working_dtype(param) else _working_dtype(param)
 
 
 def _rounding(group: dict[str, Any]) -> dict[str, bool]:
