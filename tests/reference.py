@@ -56,6 +56,21 @@ def newton_schulz(M, steps=5):
     return X.T if transposed else X
 
 
+def mars_corrected(g, state, *, beta1, gamma, g_prev=None):
+    """MARS's gradient estimate (§1): ``c = g + gamma*beta1/(1-beta1)*(g - g_prev)``, divided by
+    its norm when that exceeds 1. ``g_prev=None`` is approx mode (the stored copy of the previous
+    gradient); at t = 1 g_prev is 0 in both modes. Counts the steps in ``state["t"]``."""
+    t = state["t"] = state.get("t", 0) + 1
+    if g_prev is None:
+        g_prev = state.get("g_prev", torch.zeros_like(g))
+        state["g_prev"] = g.clone()
+    if t == 1:
+        g_prev = torch.zeros_like(g)
+    c = g + gamma * beta1 / (1 - beta1) * (g - g_prev)
+    norm = torch.linalg.norm(c).item()
+    return c / norm if norm > 1 else c
+
+
 def mars_step(p, g, state, *, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.0,
               gamma=0.025, mars_type="adamw", g_prev=None, optimize_1d=False, lr_1d=3e-3,
               betas_1d=(0.9, 0.95), weight_decay_1d=0.1, lr_initial=None, ns_steps=5,
@@ -69,16 +84,8 @@ def mars_step(p, g, state, *, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_deca
         return adamw_step(p, g, state, lr=lr_1d * lr / lr_initial, betas=betas_1d, eps=eps,
                           weight_decay=weight_decay_1d, cautious=cautious)
     b1, b2 = betas
-    t = state["t"] = state.get("t", 0) + 1
-    if g_prev is None:
-        g_prev = state.get("g_prev", torch.zeros_like(p))
-        state["g_prev"] = g.clone()
-    if t == 1:
-        g_prev = torch.zeros_like(p)
-    c = g + gamma * b1 / (1 - b1) * (g - g_prev)
-    norm = torch.linalg.norm(c).item()
-    if norm > 1:
-        c = c / norm
+    t = state.get("t", 0) + 1
+    c = mars_corrected(g, state, beta1=b1, gamma=gamma, g_prev=g_prev)
     m = state["m"] = b1 * state.get("m", torch.zeros_like(p)) + (1 - b1) * c
     if mars_type == "lion":
         u = torch.sign(m)
@@ -108,14 +115,19 @@ def _factored_ema(state, row_key, col_key, X, beta):
 
 
 def came_step(p, g, state, *, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
-              clip_threshold=1.0, weight_decay=0.0, factor_conv="flatten", cautious=False):
+              clip_threshold=1.0, weight_decay=0.0, factor_conv="flatten", cautious=False,
+              gamma=None, g_prev=None):
     """CAME (§2). Tensors with >= 2 dims are factored over their last two dims; with
     factor_conv="flatten" a tensor with ndim > 2 is first viewed as (shape[0], prod(shape[1:])),
     with "last2" it is factored over its last two dims as in the reference. 1-D and 0-d tensors
-    are unfactored: u = g*rsqrt(v), upd = m, no confidence term."""
+    are unfactored: u = g*rsqrt(v), upd = m, no confidence term. With a ``gamma`` (MARS-CAME,
+    "Combinations"), CAME runs on MARS's estimate of every tensor's gradient; caution still
+    compares with the gradient itself."""
     b1, b2, b3 = betas
     e1, e2 = eps
     grad = g
+    if gamma is not None:
+        g = mars_corrected(g, state, beta1=b1, gamma=gamma, g_prev=g_prev)
     if g.ndim > 2 and factor_conv == "flatten":
         g = g.reshape(g.shape[0], -1)
     factored = g.ndim >= 2

@@ -10,7 +10,8 @@ import shine
 from conftest import TinyNet, tiny_batch
 
 NAMES = shine.list_optimizers()
-LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2}
+LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2,
+      "mars-came": 1e-2}
 
 
 def make(name, params, **kw):
@@ -160,6 +161,28 @@ def test_state_dict_keeps_fp32_state_for_bf16_params():
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state[p]["exp_avg"].dtype == torch.float32
     assert torch.equal(opt2.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("ctor, change", [
+    (lambda ps: shine.CAME(ps, lr=1e-2), {"gamma": 0.025}),
+    (lambda ps: shine.MARS(ps, mars_type="lion"), {"mars_type": "adamw"}),
+    (lambda ps: shine.MARS(ps), {"optimize_1d": True}),
+], ids=["came-gamma", "mars_type", "optimize_1d"])
+def test_state_deciding_hyperparameter_changed_after_the_first_step_is_an_error(ctor, change):
+    """A hyperparameter that decides which state a parameter keeps (CAME's gamma adds prev_grad,
+    MARS's mars_type and optimize_1d choose its pipeline), set after the state was made: the step
+    names the missing state before writing anything (it had been a bare KeyError)."""
+    model = TinyNet()
+    opt = ctor(model.parameters())
+    train(model, opt, 1)
+    opt.param_groups[0].update(change)
+    opt.zero_grad()
+    loss_fn(model, 1).backward()
+    before, saved = [p.detach().clone() for p in model.parameters()], _state_copy(opt)
+    with pytest.raises(RuntimeError, match=r"parameter #\d+ has no state \w+, which its step now needs"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _assert_state_is(opt, saved)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -608,6 +631,10 @@ P = [nn.Parameter(torch.zeros(2, 2))]
     (lambda: shine.CAME(P), "explicit lr"),
     (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),
     (lambda: shine.CAME(P, lr=1e-3, factor_conv="rows"), "Invalid factor_conv"),
+    (lambda: shine.CAME(P, lr=1e-3, gamma=-0.1), "Invalid gamma"),
+    (lambda: shine.CAME(P, lr=1e-3, approx=False), "Invalid approx=False without gamma"),
+    (lambda: shine.CAME(P, lr=1e-3, gamma=0.025, approx=False, max_grad_norm=1.0),
+     "Invalid max_grad_norm with approx=False"),
     (lambda: shine.AdamW(P, nonfinite="maybe"), "Invalid nonfinite"),
     (lambda: shine.AdamW(P, max_grad_norm=0.0), "Invalid max_grad_norm"),
     (lambda: shine.Lion(P, max_grad_norm=math.inf), "Invalid max_grad_norm"),

@@ -9,7 +9,7 @@ from conftest import TinyNet
 
 def test_every_listed_name_builds_its_class():
     expected = {"adamw": shine.AdamW, "lion": shine.Lion, "mars-adamw": shine.MARS, "mars-lion": shine.MARS,
-                "mars-shampoo": shine.MARS, "came": shine.CAME}
+                "mars-shampoo": shine.MARS, "came": shine.CAME, "mars-came": shine.CAME}
     names = shine.list_optimizers()
     assert set(names) == set(expected) | {"c-" + n for n in expected}
     for name in names:
@@ -17,7 +17,9 @@ def test_every_listed_name_builds_its_class():
         base = name.removeprefix("c-")
         assert type(opt) is expected[base]
         assert opt.defaults["cautious"] == name.startswith("c-")
-        if base.startswith("mars-"):
+        if base == "mars-came":
+            assert opt.defaults["gamma"] == 0.025
+        elif base.startswith("mars-"):
             assert opt.defaults["mars_type"] == base.removeprefix("mars-")
 
 
@@ -54,6 +56,7 @@ def _state_floats(opt):
     ("mars-lion", 2 * 64 * 48),  # no second moment
     ("mars-shampoo", 2 * 64 * 48),
     ("came", 64 * 48 + 2 * (64 + 48)),
+    ("mars-came", 2 * 64 * 48 + 2 * (64 + 48)),  # and g_prev
 ])
 def test_state_memory_is_minimal(name, floats):
     p = nn.Parameter(torch.randn(64, 48))

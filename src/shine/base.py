@@ -280,14 +280,23 @@ class ShineOptimizer(Optimizer):
         for p in params:
             state, dtype = self.state[p], _working_dtype(p.dtype)
             for key in names:
-                t = state[key]
-                if t.device != p.device or _working_dtype(t.dtype) != dtype:
-                    index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+                t = state.get(key)
+                if t is None:
                     raise RuntimeError(
-                        f"{type(self).__name__}: parameter #{index} ({p.dtype} on {p.device}) has its state "
-                        f"{key} in {t.dtype} on {t.device}; was the model cast or moved after the optimizer "
+                        f"{type(self).__name__}: parameter #{self._index(p)} has no state {key}, which its step "
+                        f"now needs: was a hyperparameter that decides the state (CAME's gamma, MARS's mars_type "
+                        f"or optimize_1d) changed after the first step? Set it before the first step, or build "
+                        f"a new optimizer. Nothing was changed.")
+                if t.device != p.device or _working_dtype(t.dtype) != dtype:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: parameter #{self._index(p)} ({p.dtype} on {p.device}) has its "
+                        f"state {key} in {t.dtype} on {t.device}; was the model cast or moved after the optimizer "
                         f"made its state? Move it first, or load this optimizer's state_dict into a new one "
                         f"(load_state_dict places the state on each parameter's device). Nothing was changed.")
+
+    def _index(self, p: Tensor) -> int:
+        """``p``'s position among the parameters of all groups (as in ``state_dict()``), for messages."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _clip_scale(self, params: list[Tensor]) -> float | None:
         """The factor the gradients enter the update with: 1.0 without ``max_grad_norm``, else the

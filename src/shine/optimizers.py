@@ -130,7 +130,60 @@ class Lion(ShineOptimizer):
 MARS_TYPES = ("adamw", "lion", "shampoo")
 
 
-class MARS(ShineOptimizer):
+class _VarianceReduced(ShineOptimizer):
+    """The MARS gradient correction's bookkeeping, for optimizers some of whose parameters take it
+    (:meth:`_corrected`): the exact mode's ``stash_grad`` and ``step(closure, next_closure=...)``.
+    Approximate mode needs nothing here: the pipeline copies each gradient into ``prev_grad``."""
+
+    def _corrected(self, group: dict[str, Any], p: Tensor) -> bool:
+        raise NotImplementedError
+
+    def _check_exact(self, group: dict[str, Any]) -> None:
+        require(isinstance(group["approx"], bool), f"Invalid approx: {group['approx']!r} (expected a bool)")
+        require(group["approx"] or self.max_grad_norm is None,
+                "Invalid max_grad_norm with approx=False: exact mode's stashed gradient would not be clipped "
+                "with the current one; clip both with torch.nn.utils.clip_grad_norm_ before stash_grad() and step()")
+
+    def _exact_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups if not g["approx"] for p in g["params"]
+                if p.grad is not None and self._corrected(g, p)]
+
+    @torch.no_grad()
+    def stash_grad(self) -> None:
+        """Exact mode: record each ``p.grad`` (a copy) as the ``g_prev`` of the NEXT step."""
+        name = type(self).__name__
+        if all(g["approx"] for g in self.param_groups):
+            raise RuntimeError(f"{name}.stash_grad() is for exact mode only (construct with approx=False)")
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p in self._exact_params():
+            g = p.grad.float() if p.grad.dtype in LOW_PRECISION else p.grad.clone()
+            self.state[p]["next_prev_grad"] = g.neg_() if groups[id(p)]["maximize"] else g
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None,
+             next_closure: Callable[[], Any] | None = None) -> Any:
+        """One step. In exact mode, ``next_closure`` (optional) computes the next batch's gradient first."""
+        name = type(self).__name__
+        if next_closure is not None:
+            require(closure is not None, f"{name}.step(next_closure=...) also needs closure (the current batch)")
+            run_closure(next_closure)
+            self.stash_grad()
+        loss = run_closure(closure)
+        exact = self._exact_params()
+        missing = [p for p in exact if "next_prev_grad" not in self.state[p]]
+        if missing:
+            raise RuntimeError(f"{name} exact mode (approx=False): {len(missing)} parameter(s) have no stashed "
+                               "gradient. Each iteration, compute the NEXT batch's gradient and call "
+                               "opt.stash_grad() before the current batch's backward and opt.step() "
+                               "(or pass next_closure=...). Resuming with torch.distributed.checkpoint? "
+                               "Call opt.init_state() before get_state_dict(), which otherwise steps once.")
+        if self._update():
+            for p in exact:
+                self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")
+        return loss
+
+
+class MARS(_VarianceReduced):
     __doc__ = f"""MARS (arXiv 2411.10438): variance-reduced, preconditioned momentum.
 
     For 2-D parameters (all parameters with ``optimize_1d=True``)::
@@ -204,12 +257,13 @@ class MARS(ShineOptimizer):
         check_finite_nonneg("weight_decay_1d", group["weight_decay_1d"])
         require(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
                 f"Invalid ns_steps: {group['ns_steps']!r} (expected an int >= 1)")
-        for flag in ("approx", "optimize_1d"):
-            require(isinstance(group[flag], bool), f"Invalid {flag}: {group[flag]!r} (expected a bool)")
-        require(group["approx"] or self.max_grad_norm is None,
-                "Invalid max_grad_norm with approx=False: exact mode's stashed gradient would not be clipped "
-                "with the current one; clip both with torch.nn.utils.clip_grad_norm_ before stash_grad() and step()")
+        require(isinstance(group["optimize_1d"], bool),
+                f"Invalid optimize_1d: {group['optimize_1d']!r} (expected a bool)")
+        self._check_exact(group)
         group.setdefault("lr_at_construction", group_lr(group))
+
+    def _corrected(self, group, p):
+        return self._route(group, p) != "adamw_1d"
 
     def _route(self, group, p):
         if not (p.ndim == 2 or group["optimize_1d"]):
@@ -244,47 +298,10 @@ class MARS(ShineOptimizer):
                           eps=group["eps"], gamma=group["gamma"], ns_steps=group["ns_steps"],
                           ns_dtype=group["ns_dtype"])
 
-    def _exact_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups if not g["approx"] for p in g["params"]
-                if p.grad is not None and self._route(g, p) != "adamw_1d"]
-
-    @torch.no_grad()
-    def stash_grad(self) -> None:
-        """Exact mode: record each ``p.grad`` (a copy) as the ``g_prev`` of the NEXT step."""
-        if all(g["approx"] for g in self.param_groups):
-            raise RuntimeError("MARS.stash_grad() is for exact mode only (construct with approx=False)")
-        groups = {id(p): g for g in self.param_groups for p in g["params"]}
-        for p in self._exact_params():
-            g = p.grad.float() if p.grad.dtype in LOW_PRECISION else p.grad.clone()
-            self.state[p]["next_prev_grad"] = g.neg_() if groups[id(p)]["maximize"] else g
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None,
-             next_closure: Callable[[], Any] | None = None) -> Any:
-        """One MARS step. In exact mode, ``next_closure`` (optional) computes the next batch's gradient first."""
-        if next_closure is not None:
-            require(closure is not None, "MARS.step(next_closure=...) also needs closure (the current batch)")
-            run_closure(next_closure)
-            self.stash_grad()
-        loss = run_closure(closure)
-        exact = self._exact_params()
-        missing = [p for p in exact if "next_prev_grad" not in self.state[p]]
-        if missing:
-            raise RuntimeError(f"MARS exact mode (approx=False): {len(missing)} parameter(s) have no stashed "
-                               "gradient. Each iteration, compute the NEXT batch's gradient and call "
-                               "opt.stash_grad() before the current batch's backward and opt.step() "
-                               "(or pass next_closure=...). Resuming with torch.distributed.checkpoint? "
-                               "Call opt.init_state() before get_state_dict(), which otherwise steps once.")
-        if self._update():
-            for p in exact:
-                self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")
-        return loss
-
-
 CONV_FACTORING = ("flatten", "last2")
 
 
-class CAME(ShineOptimizer):
+class CAME(_VarianceReduced):
     __doc__ = f"""CAME (arXiv 2307.02047): Adam-level results with Adafactor-sized second moments.
 
     A matrix ``n x m`` keeps its momentum plus factored second-moment and
@@ -293,6 +310,13 @@ class CAME(ShineOptimizer):
     the reference, so the first steps are large (step 1 is about
     ``(1-b1)/(b1*sqrt(1-b3))`` times Adam's with the defaults): use warmup.
     Recommended lr: 0.5-0.9x the AdamW lr; ``betas[2] > betas[1]``.
+
+    MARS-CAME: with a ``gamma`` (MARS: 0.025), every parameter's gradient is first corrected
+    as in :class:`MARS`, ``c = g + gamma*b1/(1-b1)*(g - g_prev)`` clipped to norm 1, and CAME
+    runs on ``c``. ``g_prev`` is a copy of the previous gradient (``approx=True``) or, with
+    ``approx=False``, the current batch's gradient at the previous parameters, given through
+    ``stash_grad()`` or ``step(closure, next_closure=...)`` as for :class:`MARS`. It costs one
+    more parameter-sized state tensor (``prev_grad``).
 
     Args:
         params: parameters or parameter groups.
@@ -303,17 +327,20 @@ class CAME(ShineOptimizer):
         weight_decay: decoupled, ``p -= lr*wd*p`` before the update.
         factor_conv: tensors with more than 2 dims are factored as ``(shape[0], rest)``
             with "flatten" (default, smaller state than Adam's for every conv) or over
-            their last two dims with "last2" (the reference).{_COMMON_DOC}"""
+            their last two dims with "last2" (the reference).
+        gamma: strength of the MARS correction; ``None`` (default): none, CAME as published.
+        approx: with a ``gamma``, MARS's approximate (default) or exact mode.{_COMMON_DOC}"""
 
     def __init__(self, params: Any, lr: float | None = None, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  eps: tuple[float, float] = (1e-30, 1e-16), clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
-                 factor_conv: str = "flatten", cautious: bool = False, maximize: bool = False,
+                 factor_conv: str = "flatten", gamma: float | None = None, approx: bool = True,
+                 cautious: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
                  max_grad_norm: float | None = None):
         require(lr is not None, "CAME needs an explicit lr (recommended: 0.5-0.9x your AdamW lr)")
         defaults = dict(lr=lr, betas=betas, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
-                        factor_conv=factor_conv, **_common(cautious, maximize))
+                        factor_conv=factor_conv, gamma=gamma, approx=approx, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)
 
@@ -326,13 +353,23 @@ class CAME(ShineOptimizer):
         check_finite_nonneg("eps[1]", eps[1])
         check_finite_nonneg("clip_threshold", group["clip_threshold"], positive=True)
         check_choice("factor_conv", group["factor_conv"], CONV_FACTORING)
+        if group["gamma"] is not None:
+            check_finite_nonneg("gamma", group["gamma"])
+        self._check_exact(group)
+        require(group["approx"] or group["gamma"] is not None,
+                "Invalid approx=False without gamma: the exact mode is that of the MARS correction, "
+                "which a gamma turns on (MARS: 0.025)")
+
+    def _corrected(self, group, p):
+        return group["gamma"] is not None
 
     def _route(self, group, p):
         return "unfactored" if rules.factored_shapes(p.shape, group["factor_conv"]) is None else "factored"
 
     def _new_state(self, group, route, p):
+        correction = {"prev_grad": state_zeros(p)} if group["gamma"] is not None else {}
         if route == "unfactored":
-            return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
+            return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p), **correction}
         row, col = rules.factored_shapes(p.shape, group["factor_conv"])
         view = (*row, col[-1])  # the rule's view of the gradient; row = mean over -1, col = mean over -2
         # contiguous: the rule views the momentum as the factored matrix (p may be channels-last)
@@ -340,11 +377,12 @@ class CAME(ShineOptimizer):
                 "exp_avg_sq_row": state_zeros(p, reduce=(view, -1)),
                 "exp_avg_sq_col": state_zeros(p, reduce=(view, -2)),
                 "exp_avg_res_row": state_zeros(p, reduce=(view, -1)),
-                "exp_avg_res_col": state_zeros(p, reduce=(view, -2))}
+                "exp_avg_res_col": state_zeros(p, reduce=(view, -2)), **correction}
 
     def _pipeline(self, group, route):
         beta1, beta2, beta3 = group["betas"]
-        flags = dict(cautious=group["cautious"], maximize=group["maximize"])
+        flags = dict(cautious=group["cautious"], maximize=group["maximize"], correction=group["gamma"] is not None,
+                     approx=group["approx"])
         if route == "unfactored":
             pipe = Pipeline(rules.came_unfactored, ("exp_avg", "exp_avg_sq"),
                             ("beta1", "beta2", "eps1", "clip_threshold"), **flags)
@@ -355,4 +393,4 @@ class CAME(ShineOptimizer):
                             statistics=rules.came_row_statistics, **flags)
         return pipe, dict(**_lr_and_decay(group), beta1=beta1,
                           beta2=beta2, beta3=beta3, eps1=group["eps"][0], eps2=group["eps"][1],
-                          clip_threshold=group["clip_threshold"])
+                          clip_threshold=group["clip_threshold"], gamma=group["gamma"])

@@ -18,6 +18,7 @@ _BASE: dict[str, tuple[type, dict[str, Any]]] = {
     "mars-lion": (MARS, {"mars_type": "lion", "lr": 1e-4}),
     "mars-shampoo": (MARS, {"mars_type": "shampoo", "lr": 2e-2}),
     "came": (CAME, {"lr": 2e-4}),
+    "mars-came": (CAME, {"lr": 2e-4, "gamma": 0.025}),
 }
 _CAUTIOUS_PREFIX = "c-"
 

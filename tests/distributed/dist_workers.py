@@ -24,7 +24,8 @@ import shine
 shine.engine.FUSED_MIN_TENSOR_NUMEL = 2  # the shapes here are tiny: the fused cases compile them all
 STEPS = 5
 BATCH = 12          # divisible by 1, 2, 3, 4 ranks: every rank gets an equal slice
-LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2}
+LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2,
+      "mars-came": 1e-2}
 WEIGHT_DECAY = 0.1
 CLIP = 0.05  # max_grad_norm of the -clip configurations
 
@@ -64,11 +65,12 @@ def new_model() -> Net:
 # ---- optimizer configurations -------------------------------------------------------
 def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (registry name, extra keyword arguments): every registered optimizer, plus
-    MARS exact mode, the CAME reference conv factoring and global gradient clipping (labels
+    MARS and MARS-CAME exact mode, the CAME reference conv factoring and global gradient clipping (labels
     ending in ``-clip``; their bound is below this model's gradient norms, so it clips)."""
     out = {name: (name, {}) for name in shine.list_optimizers()}
     out["mars-adamw-exact"] = ("mars-adamw", {"approx": False})
     out["c-mars-shampoo-exact"] = ("c-mars-shampoo", {"approx": False})
+    out["mars-came-exact"] = ("mars-came", {"approx": False})
     out["came-last2"] = ("came", {"factor_conv": "last2"})
     out["adamw-clip"] = ("adamw", {"max_grad_norm": CLIP})
     out["came-clip"] = ("came", {"max_grad_norm": CLIP})

@@ -44,6 +44,10 @@ CASES = [
     _case("came-eps", shine.CAME, ref.came_step, dict(lr=0.01, eps=(1e-3, 1e-2))),
     _case("came-maximize", shine.CAME, ref.came_step, dict(lr=0.01, maximize=True, weight_decay=0.1)),
     _case("came-cautious", shine.CAME, ref.came_step, dict(lr=0.01, cautious=True, weight_decay=0.1)),
+    _case("mars-came-default", shine.CAME, ref.came_step, dict(lr=0.01, gamma=0.025)),
+    _case("mars-came-maximize", shine.CAME, ref.came_step, dict(lr=0.01, gamma=0.025, maximize=True)),
+    _case("mars-came-cautious", shine.CAME, ref.came_step, dict(lr=0.01, gamma=0.1, cautious=True, weight_decay=0.1)),
+    _case("mars-came-noclip", shine.CAME, ref.came_step, dict(lr=0.01, gamma=0.1), 1e-2),
 ]
 
 

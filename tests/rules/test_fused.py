@@ -11,8 +11,9 @@ from .support import DTYPES, assert_fp32_state, assert_trajectories_close, probl
 from .cases import CASES, run_reference, run_shine
 
 # Between them: the MARS correction, Adam (2-D and the 1-D route), caution, Newton-Schulz, maximize,
-# factored and unfactored CAME, and bf16 parameters in a mixed group.
-FUSED_CASES = {"mars-adamw-cautious": "mixed", "mars-shampoo-maximize": "fp32", "came-wd": "mixed"}
+# factored and unfactored CAME (also MARS-corrected), and bf16 parameters in a mixed group.
+FUSED_CASES = {"mars-adamw-cautious": "mixed", "mars-shampoo-maximize": "fp32", "came-wd": "mixed",
+               "mars-came-cautious": "mixed"}
 
 
 @pytest.fixture

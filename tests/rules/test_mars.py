@@ -1,5 +1,6 @@
 """MARS specifics: exact mode through stash_grad() and through step(closure, next_closure=...),
-its misuse error, and that approx mode keeps a COPY of the previous gradient."""
+its misuse error, and that approx mode keeps a COPY of the previous gradient; for the three MARS
+instances and for MARS-CAME (CAME with a ``gamma``)."""
 
 import pytest
 import torch
@@ -12,18 +13,27 @@ from .support import (DTYPES, SHAPES, assert_trajectories_close, drive, fresh_pa
 
 FP32 = DTYPES["fp32"]
 
+#: name -> (shine optimizer with lr and the name's hyperparameters, reference step, its hyperparameters)
+CORRECTED = {
+    **{f"mars-{t}": (lambda ps, t=t, **hp: shine.MARS(ps, lr=0.01, mars_type=t, **hp), ref.mars_step,
+                     dict(lr=0.01, mars_type=t)) for t in ("adamw", "lion", "shampoo")},
+    "mars-came": (lambda ps, **hp: shine.CAME(ps, **{"lr": 0.01, "gamma": 0.025, **hp}), ref.came_step,
+                  dict(lr=0.01, gamma=0.025)),
+}
+
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 @pytest.mark.parametrize("hp", [dict(weight_decay=0.1), dict(maximize=True), dict(cautious=True)],
                          ids=["wd", "maximize", "cautious"])
-@pytest.mark.parametrize("mars_type", ["adamw", "lion", "shampoo"])
-def test_exact_mode_with_stash(mars_type, hp, foreach):
+@pytest.mark.parametrize("name", CORRECTED)
+def test_exact_mode_with_stash(name, hp, foreach):
     """Exact mode: at iteration t the stashed gradient S[t] becomes g_prev of step t+1 (negated with
     maximize, like the gradient); step 1 uses 0."""
+    make, step, step_hp = CORRECTED[name]
     params0, grads = problem(FP32)
     _, stashes = problem(FP32, seed=7)
     params = fresh_params(params0)
-    opt = shine.MARS(params, lr=0.01, mars_type=mars_type, approx=False, foreach=foreach, **hp)
+    opt = make(params, approx=False, foreach=foreach, **hp)
     actual = [[] for _ in params]
     for step_grads, stash in zip(grads, stashes):
         for p, s in zip(params, stash):
@@ -36,8 +46,8 @@ def test_exact_mode_with_stash(mars_type, hp, foreach):
             trajectory.append(p.detach().double().clone())
     g_prevs = [[torch.zeros_like(s) for s in stashes[0]]] + stashes[:-1]
     ref_hp = {k: v for k, v in hp.items() if k != "maximize"}
-    expected = [ref.run(ref.mars_step, p0, [g[i] for g in grads], g_prevs=[s[i] for s in g_prevs],
-                        maximize=hp.get("maximize", False), lr=0.01, mars_type=mars_type, **ref_hp)
+    expected = [ref.run(step, p0, [g[i] for g in grads], g_prevs=[s[i] for s in g_prevs],
+                        maximize=hp.get("maximize", False), **step_hp, **ref_hp)
                 for i, p0 in enumerate(params0)]
     assert_trajectories_close(actual, expected, FP32)
 
@@ -93,18 +103,19 @@ def test_exact_mode_without_stash_raises():
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 @pytest.mark.parametrize("accumulate", ["copy_", "zero_add_"])
-@pytest.mark.parametrize("mars_type", ["adamw", "lion", "shampoo"])
-def test_previous_gradient_is_a_copy(mars_type, accumulate, foreach):
+@pytest.mark.parametrize("name", CORRECTED)
+def test_previous_gradient_is_a_copy(name, accumulate, foreach):
     """With the SAME p.grad tensor overwritten in place every step (as zero_grad(set_to_none=False)
     and accumulation do), approx MARS still matches the reference; aliasing p.grad as g_prev would
     give c = g every step, i.e. the gamma = 0 trajectory, which differs."""
-    hp = dict(lr=0.01, mars_type=mars_type, gamma=0.1)
+    make, step, hp = CORRECTED[name]
+    hp = {**hp, "gamma": 0.1}
     params0, grads = problem(FP32)
     params = fresh_params(params0)
     for p in params:
         p.grad = torch.zeros_like(p)
     grad_objects = [p.grad for p in params]
-    opt = shine.MARS(params, foreach=foreach, **hp)
+    opt = make(params, foreach=foreach, gamma=0.1)
     actual = [[] for _ in params]
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -117,9 +128,9 @@ def test_previous_gradient_is_a_copy(mars_type, accumulate, foreach):
         for trajectory, p in zip(actual, params):
             trajectory.append(p.detach().double().clone())
     assert all(p.grad is g for p, g in zip(params, grad_objects))
-    expected = reference_trajectories(ref.mars_step, params0, grads, **hp)
+    expected = reference_trajectories(step, params0, grads, **hp)
     assert_trajectories_close(actual, expected, FP32)
-    aliased = reference_trajectories(ref.mars_step, params0, grads, **{**hp, "gamma": 0.0})
+    aliased = reference_trajectories(step, params0, grads, **{**hp, "gamma": 0.0})
     two_d = [i for i, s in enumerate(SHAPES) if len(s) == 2]
     for i in two_d:
         assert (torch.stack(expected[i]) - torch.stack(aliased[i])).abs().max() > 1e-3
