@@ -50,6 +50,7 @@ SHINE = {
     "mars-shampoo": ("mars-shampoo", {}),
     "came": ("came", {}),
     "c-came": ("c-came", {}),
+    "mars-came": ("mars-came", {}),
 }
 #: The ``max_grad_norm`` of the clipping rows. It sits above the norm of the benchmark's gradients
 #: (about 11 for GPT-2 small, 40 for xl), because the rows share their gradients and

@@ -25,7 +25,8 @@ from .data import ByteCorpus
 from .model import build_model
 
 # The arena's settings per optimizer: "lr" is the default learning rate for the default task
-# (tuned as described in README_SECTION.md); everything else goes to shine.create_optimizer.
+# (tuned as README.md's "How the default learning rates were chosen" says); everything else goes to
+# shine.create_optimizer.
 ARENA_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
     "c-adamw": {"lr": 4e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
@@ -34,8 +35,11 @@ ARENA_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "mars-adamw": {"lr": 4e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
     "c-mars-adamw": {"lr": 4e-3, "weight_decay": 0.01, "lr_1d": 3e-3},
     "came": {"lr": 1.25e-4, "weight_decay": 0.1},
+    "mars-came": {"lr": 2.5e-4, "weight_decay": 0.1},
+    "c-mars-came": {"lr": 2.5e-4, "weight_decay": 0.1},
 }
-DEFAULT_OPTIMIZERS: tuple[str, ...] = tuple(ARENA_OPTIMIZERS)
+#: What ``shine arena`` compares when not told: the papers' optimizers and their cautious forms.
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("adamw", "c-adamw", "lion", "c-lion", "mars-adamw", "c-mars-adamw", "came")
 SWEEP_FACTORS = (0.5, 1.0, 2.0)  # --sweep: the lr grid around each optimizer's centre lr
 WARMUP_FRACTION = 0.1
 MIN_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak lr
