@@ -13,7 +13,7 @@ import shine
 import dist_workers as W
 
 TOL = 1e-5
-LABELS = shine.list_optimizers() + ["c-mars-shampoo-exact", "came-last2"]
+LABELS = shine.list_optimizers() + ["c-mars-shampoo-exact", "mars-came-exact", "came-last2"]
 
 
 @pytest.fixture(scope="module")
