@@ -627,6 +627,7 @@ P = [nn.Parameter(torch.zeros(2, 2))]
     (lambda: shine.Lion(P, weight_decay=-0.1), "Invalid weight_decay"),
     (lambda: shine.MARS(P, gamma=-0.1), "Invalid gamma"),
     (lambda: shine.MARS(P, mars_type="sgd"), "Invalid mars_type"),
+    (lambda: shine.MARS(P, mars_type="mars-came"), r"MARS-CAME is shine.CAME\(\.\.\., gamma=0.025\)"),
     (lambda: shine.MARS(P, betas_1d=(1.5, 0.9)), r"Invalid betas_1d\[0\]"),
     (lambda: shine.CAME(P), "explicit lr"),
     (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),

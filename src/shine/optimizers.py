@@ -251,6 +251,8 @@ class MARS(_VarianceReduced):
         check_betas("betas", group["betas"], 2)
         check_finite_nonneg("eps", group["eps"])
         check_finite_nonneg("gamma", group["gamma"])
+        require(group["mars_type"] != "came",
+                "Invalid mars_type: 'came' (MARS-CAME is shine.CAME(..., gamma=0.025), or create_optimizer's 'mars-came')")
         check_choice("mars_type", group["mars_type"], MARS_TYPES)
         check_finite_nonneg("lr_1d", group["lr_1d"])
         check_betas("betas_1d", group["betas_1d"], 2)
