@@ -84,8 +84,8 @@ def mars_step(p, g, state, *, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_deca
         return adamw_step(p, g, state, lr=lr_1d * lr / lr_initial, betas=betas_1d, eps=eps,
                           weight_decay=weight_decay_1d, cautious=cautious)
     b1, b2 = betas
-    t = state.get("t", 0) + 1
     c = mars_corrected(g, state, beta1=b1, gamma=gamma, g_prev=g_prev)
+    t = state["t"]
     m = state["m"] = b1 * state.get("m", torch.zeros_like(p)) + (1 - b1) * c
     if mars_type == "lion":
         u = torch.sign(m)
