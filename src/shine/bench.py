@@ -82,25 +82,40 @@ def gpt2_shapes(n_layer: int, width: int, vocab: int = 50257, context: int = 102
     return shapes + [(d,), (d,)]  # ln_f
 
 
-def make_params(shapes, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Parameters with gradients, drawn on the CPU (the same numbers on every device) and moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = (0.02 * torch.randn(s, generator=gen)).to(dtype).requires_grad_(True)
-        p.grad = (1e-3 * torch.randn(s, generator=gen)).to(dtype)
+        p = (0.02 * torch.randn(s, generator=gen)).to(device, dtype).requires_grad_(True)
+        p.grad = (1e-3 * torch.randn(s, generator=gen)).to(device, dtype)
         params.append(p)
     return params
 
 
-def copy_bandwidth(n: int, repeat: int = 5) -> float:
-    """GB/s of an fp32 copy of ``n`` elements (bytes read + written), median of ``repeat``."""
-    src, dst = torch.randn(n), torch.empty(n)
+def clock(device: torch.device) -> Callable[[], float]:
+    """A wall clock that first waits for the device's queued work (kernels run asynchronously on
+    accelerators, so a plain clock would time their launches)."""
+    if device.type == "cpu":
+        return time.perf_counter
+    module = getattr(torch, device.type)
+
+    def synchronized() -> float:
+        module.synchronize(device)
+        return time.perf_counter()
+    return synchronized
+
+
+def copy_bandwidth(n: int, repeat: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """GB/s of an fp32 copy of ``n`` elements (bytes read + written) on ``device``, median of ``repeat``."""
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    now = clock(device)
     dst.copy_(src)
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = now()
         dst.copy_(src)
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     return 8 * n / statistics.median(times) / 1e9
 
 
@@ -173,19 +188,20 @@ def time_optimizer(build: Callable[[], torch.optim.Optimizer], params, steps: in
     taken under the same load, which a shared machine needs.
     """
     from .registry import optimizer_state_bytes
+    now = clock(params[0].device)
     opt = build()
-    t = time.perf_counter()
+    t = now()
     opt.step()
-    first = time.perf_counter() - t
+    first = now() - t
     times, base_times = [], []
     for _ in range(steps):
         if baseline is not None:
-            t = time.perf_counter()
+            t = now()
             baseline.step()
-            base_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
+            base_times.append(now() - t)
+        t = now()
         opt.step()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     state = optimizer_state_bytes(opt)
     del opt
     gc.collect()
@@ -207,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-external", action="store_true", help="skip other libraries' optimizers")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the nonfinite='ignore', max_grad_norm and state_dtype=bf16 fused rows")
+    parser.add_argument("--device", default="cpu", help="where the parameters live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     parser.add_argument("--json", default="step_speed.json", help="where to write the figures ('' for none)")
 
@@ -214,15 +231,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .registry import create_optimizer
 
+    device = torch.device(args.device)
+    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise SystemExit(f"shine bench: --device {args.device}: no {device.type} device is available here")
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.param_dtype]
     shapes = gpt2_shapes(*SCALES[args.scale])
-    params = make_params(shapes, dtype)
+    params = make_params(shapes, dtype, device=device)
     n = sum(p.numel() for p in params)
-    bandwidth = copy_bandwidth(n)
+    bandwidth = copy_bandwidth(n, device=device)
+    device_name = "cpu" if device.type == "cpu" else getattr(torch, device.type).get_device_name(device)
+    where = f"{threads} threads" if device.type == "cpu" else device_name
     print(f"GPT-2 {args.scale}: {n / 1e6:.1f}M parameters in {len(params)} tensors, {args.param_dtype}; "
-          f"torch {torch.__version__}, {threads} threads; copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+          f"torch {torch.__version__}, {where}; copy bandwidth {bandwidth:.1f} GB/s", flush=True)
 
     base_opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     base_opt.step()
@@ -274,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         meta = {"scale": args.scale, "params": n, "tensors": len(params), "param_dtype": args.param_dtype,
                 "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
+                "device": device_name,
                 "copy_gb_per_s": bandwidth, "steps": args.steps,
                 "fused_adamw_ns_per_param": rows[0]["ns_per_param"]}
         with open(args.json, "w") as f:
