@@ -1,0 +1,69 @@
+"""Where a CUDA optimizer step's time goes: wall time against the time its kernels run.
+
+An optimizer step on a GPU is memory-bound only if its kernels keep the device busy; when the
+host spends longer launching them (Python, guards, one launch per tensor), the step is
+host-bound and the kernels' time is not what limits it. For each optimizer this prints, on
+GPT-2-shaped parameters, the median wall time of a step, the summed device time of its kernels
+(torch.profiler), the number of kernels launched, and the bytes the step must move over that
+kernel time (effective bandwidth while the kernels run).
+
+    python benchmarks/step_profile.py --only adamw came --scale small
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from shine import bench, create_optimizer, optimizer_state_bytes  # noqa: E402
+
+
+def profile_step(build, params, steps: int = 10) -> dict[str, float]:
+    opt = build()
+    now = bench.clock(params[0].device)
+    for _ in range(3):  # compile and warm up
+        opt.step()
+    walls = []
+    for _ in range(steps):
+        t = now()
+        opt.step()
+        walls.append(now() - t)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            opt.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    state = optimizer_state_bytes(opt)
+    return {"wall_s": statistics.median(walls), "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps,
+            "kernels": len(kernels) / steps, "min_bytes": bench._min_bytes(params, state)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=list(bench.SCALES), default="small")
+    parser.add_argument("--only", nargs="+", default=["adamw", "c-adamw", "lion", "mars-adamw", "came"])
+    parser.add_argument("--paths", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("step_profile.py needs a CUDA device")
+    params = bench.make_params(bench.gpt2_shapes(*bench.SCALES[args.scale]), torch.float32, device="cuda")
+    print(f"{'optimizer':<26} {'path':<8} {'wall us':>8} {'kernel us':>9} {'kernels':>7} {'GB/s in kernels':>15}")
+    rows = [("torch AdamW(fused=True)", "torch", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True))]
+    for name in args.only:
+        for path in args.paths:
+            rows.append((name, path, lambda name=name, path=path: create_optimizer(params, name,
+                                                                                  fused=path == "fused")))
+    for label, path, build in rows:
+        r = profile_step(build, params)
+        print(f"{label:<26} {path:<8} {r['wall_s'] * 1e6:>8.0f} {r['kernel_s'] * 1e6:>9.0f} {r['kernels']:>7.0f} "
+              f"{r['min_bytes'] / r['kernel_s'] / 1e9:>15.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
