@@ -173,9 +173,12 @@ def test_fallback_when_compiling_fails(monkeypatch):
 
 def test_auto_choice():
     """fused=None: CPU fuses only buckets of AUTO_FUSE_MIN_NUMEL elements or more (so small
-    models and tests never compile); foreach=False keeps the reference loop; fused=False never."""
-    cpu = torch.device("cpu")
+    models and tests never compile); foreach=False keeps the reference loop; fused=False never.
+    CUDA never fuses by itself (the multi-tensor path measured faster there), but does on request."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     small, large = 1000, engine.AUTO_FUSE_MIN_NUMEL["cpu"]
+    assert engine.choose_path(None, None, cuda, 10 * large) == "foreach"
+    assert engine.choose_path(True, None, cuda, small) == "fused"
     assert engine.choose_path(None, None, cpu, small) == "foreach"
     assert engine.choose_path(None, False, cpu, large) == "per_tensor"
     assert engine.choose_path(False, None, cpu, large) == "foreach"

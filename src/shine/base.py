@@ -50,8 +50,9 @@ class ShineOptimizer(Optimizer):
     Common options:
         foreach: multi-tensor kernels (default) or, with ``False``, the per-tensor reference loop.
         fused: ``torch.compile`` the step into fused kernels (``True``), or not (``False``);
-            ``None`` (default) fuses where it pays: on CUDA always, on CPU buckets of at least
-            ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements; never with ``foreach=False``. Within
+            ``None`` (default) fuses where it measured faster: CPU buckets of at least
+            ``engine.AUTO_FUSE_MIN_NUMEL["cpu"]`` elements (on CUDA the multi-tensor path was the
+            faster, see ``engine.AUTO_FUSE_MIN_NUMEL``); never with ``foreach=False``. Within
             a fused bucket, tensors under ``engine.FUSED_MIN_TENSOR_NUMEL`` (8192) elements
             share the multi-tensor kernels (a compiled call costs more host time than they take).
             Where the compiler does not work (learnt from the first compile, which fails before
