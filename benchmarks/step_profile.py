@@ -5,9 +5,10 @@ host spends longer launching them (Python, guards, one launch per tensor), the s
 host-bound and the kernels' time is not what limits it. For each optimizer this prints, on
 GPT-2-shaped parameters, the median wall time of a step, the summed device time of its kernels
 (torch.profiler), the number of kernels launched, and the bytes the step must move over that
-kernel time (effective bandwidth while the kernels run).
+kernel time (effective bandwidth while the kernels run). ``--host N`` also prints, per row, the N host-side
+operations that took the most self CPU time (where a host-bound step spends it).
 
-    python benchmarks/step_profile.py --only adamw came --scale small
+    python benchmarks/step_profile.py --only adamw came --scale small --host 12
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from shine import bench, create_optimizer, optimizer_state_bytes  # noqa: E402
 
 
-def profile_step(build, params, steps: int = 10) -> dict[str, float]:
+def profile_step(build, params, steps: int = 10, host: int = 0) -> dict[str, float]:
     opt = build()
     now = bench.clock(params[0].device)
     for _ in range(3):  # compile and warm up
@@ -33,14 +34,16 @@ def profile_step(build, params, steps: int = 10) -> dict[str, float]:
         t = now()
         opt.step()
         walls.append(now() - t)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             opt.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     state = optimizer_state_bytes(opt)
     return {"wall_s": statistics.median(walls), "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps,
-            "kernels": len(kernels) / steps, "min_bytes": bench._min_bytes(params, state)}
+            "kernels": len(kernels) / steps, "min_bytes": bench._min_bytes(params, state),
+            "host_table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=host) if host else ""}
 
 
 def main(argv=None) -> int:
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", choices=list(bench.SCALES), default="small")
     parser.add_argument("--only", nargs="+", default=["adamw", "c-adamw", "lion", "mars-adamw", "came"])
     parser.add_argument("--paths", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"])
+    parser.add_argument("--host", type=int, default=0, metavar="N", help="print each row's N costliest host operations")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
@@ -59,9 +63,11 @@ def main(argv=None) -> int:
             rows.append((name, path, lambda name=name, path=path: create_optimizer(params, name,
                                                                                   fused=path == "fused")))
     for label, path, build in rows:
-        r = profile_step(build, params)
+        r = profile_step(build, params, host=args.host)
         print(f"{label:<26} {path:<8} {r['wall_s'] * 1e6:>8.0f} {r['kernel_s'] * 1e6:>9.0f} {r['kernels']:>7.0f} "
               f"{r['min_bytes'] / r['kernel_s'] / 1e9:>15.0f}", flush=True)
+        if r["host_table"]:
+            print(r["host_table"], flush=True)
     return 0
 
 
