@@ -503,6 +503,16 @@ def test_nonfinite_gradient_raises_without_touching_state(bad):
         assert torch.equal(opt.state[p][k], v)
 
 
+def test_nonfinite_gradient_names_the_parameter_as_state_dict_numbers_it():
+    """The message numbers parameters over all groups, gradient or not (as ``state_dict()`` and the
+    other messages do), not among those with gradients."""
+    frozen, bad = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(2, 2))
+    opt = shine.AdamW([{"params": [frozen]}, {"params": [bad], "lr": 1e-2}])
+    bad.grad = torch.full((2, 2), math.nan)
+    with pytest.raises(RuntimeError, match=r"in parameter #1 of shape \(2, 2\)"):
+        opt.step()
+
+
 def test_nonfinite_first_step_keeps_only_what_was_there():
     """The state a first step creates goes again when its gradient is non-finite; a gradient
     stashed before it (MARS exact mode) stays."""

@@ -340,9 +340,9 @@ class ShineOptimizer(Optimizer):
             warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=stacklevel)
             return None
-        bad = next((i, tuple(p.shape)) for i, p in enumerate(params) if not torch.isfinite(p.grad).all())
-        raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{bad[0]} "
-                           f"of shape {bad[1]}; no state was changed. Pass nonfinite='skip' to skip such steps.")
+        bad = next(p for p in params if not torch.isfinite(p.grad).all())
+        raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{self._index(bad)} "
+                           f"of shape {tuple(bad.shape)}; no state was changed. Pass nonfinite='skip' to skip such steps.")
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:
