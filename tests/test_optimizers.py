@@ -669,3 +669,39 @@ def test_next_closure_without_closure_is_an_error():
     opt = shine.MARS([nn.Parameter(torch.ones(2, 2))], approx=False)
     with pytest.raises(ValueError, match="also needs closure"):
         opt.step(next_closure=lambda: None)
+
+
+# ---- torch.amp.GradScaler -------------------------------------------------------------------
+def _scaled_training(name, use_scaler, overflow_at=3, steps=6):
+    """Train TinyNet for ``steps`` steps; at step ``overflow_at`` a gradient overflows (inf). With
+    the scaler, ``scaler.step`` skips that step; without it, the loop skips it by hand."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = shine.create_optimizer(model, name, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if use_scaler else None
+    tokens, labels = tiny_batch()
+    for t in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens), labels)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if t == overflow_at:
+            model.fc.weight.grad[0, 0] = math.inf
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        elif t != overflow_at:
+            opt.step()
+    return model, opt, scaler
+
+
+@pytest.mark.parametrize("name", ["adamw", "c-lion", "mars-adamw", "came", "mars-came"])
+def test_grad_scaler_unscales_and_skips_overflowing_steps(name):
+    """Mixed-precision training with ``torch.amp.GradScaler``: the scaler unscales the gradients
+    before shine's step (a power-of-two scale, so exactly) and skips the step whose gradients
+    overflowed (halving its scale); the result is the run without a scaler that skips that step."""
+    scaled, opt, scaler = _scaled_training(name, use_scaler=True)
+    plain, _, _ = _scaled_training(name, use_scaler=False)
+    assert scaler.get_scale() == 2.0 ** 11
+    assert all(s["step"].item() == 5 for s in opt.state.values())
+    for p, q in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
