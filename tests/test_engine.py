@@ -17,8 +17,24 @@ def test_groups_are_consecutive_and_bounded():
     groups = engine._foreach_groups(pipe, [torch.empty(n) for n in sizes])
     assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
     assert engine.FOREACH_GROUP_NUMEL["cpu"] == 262_144
-    shaped = engine.Pipeline(shine.rules.came_factored, (), ())  # works tensor by tensor: one group
+    shaped = engine.Pipeline(shine.rules.orthogonal_momentum, (), ())  # Newton-Schulz, tensor by tensor: one group
     assert engine._foreach_groups(shaped, [torch.empty(n) for n in sizes]) == [(0, 6)]
+
+
+def test_factored_came_groups(monkeypatch):
+    """Factored CAME goes matrix by matrix on the CPU (one call for the bucket); elsewhere its
+    multi-tensor passes go in groups of at most FACTORED_GROUP_NUMEL elements (its temporaries
+    exist for a whole group at once), where the element-wise rules stay whole."""
+    came = engine.Pipeline(shine.rules.came_factored, (), ())
+    adamw = engine.Pipeline(shine.rules.adamw, ("exp_avg", "exp_avg_sq"), ())
+    sizes = [100, 200_000, 100_000, 5, 300_000, 7]
+    assert engine._foreach_groups(came, [torch.empty(n) for n in sizes]) == [(0, 6)]
+    elsewhere = [torch.empty(n, device="meta") for n in sizes]
+    assert engine.FACTORED_GROUP_NUMEL == 1 << 24
+    assert engine._foreach_groups(came, elsewhere) == [(0, 6)]
+    monkeypatch.setattr(engine, "FACTORED_GROUP_NUMEL", 400_000)
+    assert engine._foreach_groups(came, elsewhere) == [(0, 4), (4, 6)]
+    assert engine._foreach_groups(adamw, elsewhere) == [(0, 6)]
 
 
 @pytest.mark.parametrize("name", shine.list_optimizers())
@@ -41,7 +57,7 @@ def test_grouped_step_gives_the_whole_bucket_bits(name, monkeypatch):
             opt.step()
         results.append((params, len(calls)))
     (whole, whole_calls), (grouped, grouped_calls) = results
-    if "shampoo" not in name and "came" not in name:  # those work tensor by tensor: never grouped
+    if "shampoo" not in name and "came" not in name:  # those go tensor by tensor on the CPU: never grouped
         assert grouped_calls > whole_calls
     for a, b in zip(whole, grouped):
         assert torch.equal(a, b)

@@ -329,14 +329,30 @@ def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
 #: whole model. Every tensor's numbers are unchanged (the rules are per tensor). Measured on the
 #: 2-core CPU, grouped/whole step time, one process: a 5.3M-parameter GPT-2 (fused=False) AdamW
 #: 0.75, C-AdamW 0.71-0.79, Lion 0.61, MARS-AdamW 0.87; the arena's ``tiny`` model 0.73-1.02.
-#: Factored CAME and Newton-Schulz work tensor by tensor anyway (CAME measured 1.03-1.07): whole.
+#: Newton-Schulz works tensor by tensor anyway: whole.
 FOREACH_GROUP_NUMEL: dict[str, int] = {"cpu": 262_144}
+
+#: Where factored CAME's element-wise passes are multi-tensor kernels (devices not in
+#: ``rules.came.MATRIX_BY_MATRIX``), its several full-size temporaries would otherwise exist for
+#: all of a bucket's matrices at once: there it steps groups of at most this many elements (a
+#: larger matrix forms a group of its own), so its transient memory stays that of its largest
+#: matrix or of this many elements, whichever is more. (It had gone matrix by matrix, kernel by
+#: kernel, everywhere: on an H200 that step was host-bound, 43 ms of wall time for 9.6 ms of
+#: kernels on GPT-2 small, where pytorch-optimizer's multi-tensor CAME took half the time.)
+FACTORED_GROUP_NUMEL = 1 << 24
 
 
 def _foreach_groups(pipe: Pipeline, params: list[Tensor]) -> list[tuple[int, int]]:
-    """The ``(start, stop)`` index ranges of :func:`_run_foreach`'s groups (:data:`FOREACH_GROUP_NUMEL`)."""
-    limit = FOREACH_GROUP_NUMEL.get(params[0].device.type) if params else None
-    if limit is None or pipe.precondition not in _SHAPE_FREE:
+    """The ``(start, stop)`` index ranges of :func:`_run_foreach`'s groups (:data:`FOREACH_GROUP_NUMEL`,
+    :data:`FACTORED_GROUP_NUMEL`)."""
+    device = params[0].device.type if params else None
+    if pipe.precondition in _SHAPE_FREE:
+        limit = FOREACH_GROUP_NUMEL.get(device)
+    elif pipe.precondition is rules.came_factored and device not in rules.came.MATRIX_BY_MATRIX:
+        limit = FACTORED_GROUP_NUMEL
+    else:
+        limit = None
+    if limit is None:
         return [(0, len(params))]
     groups, start, total = [], 0, 0
     for i, p in enumerate(params):

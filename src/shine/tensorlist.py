@@ -68,6 +68,7 @@ class TensorList:
     def __truediv__(self, o): return self._binary(torch._foreach_div, o)
     # a 0-d tensor exponent changes pow's results in the last bit: the number stays a number
     def __pow__(self, o): return TensorList(torch._foreach_pow(self.tensors, self._arg(o)))
+    def pow_(self, o): torch._foreach_pow_(self.tensors, self._arg(o)); return self
     __radd__ = __add__
     __rmul__ = __mul__
 
@@ -137,8 +138,9 @@ def per_tensor(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if any(isinstance(a, TensorList) for a in args):
-            return _map(lambda *a: fn(*a, **kwargs), *args)
+        for a in args:  # a loop, not any(<generator>): this runs for every call on plain tensors too
+            if isinstance(a, TensorList):
+                return _map(lambda *a: fn(*a, **kwargs), *args)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -11,7 +11,7 @@ import torch
 from ..distributed import placed_like
 from .ema import ema_
 from .hoist import hoist
-from ..tensorlist import per_tensor
+from ..tensorlist import TensorList, per_tensor
 
 
 def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -35,6 +35,7 @@ def _rms(t):
     return t.norm() / math.sqrt(t.numel())
 
 
+@per_tensor
 def _mean(t, dim, keepdim=False, dtype=None):
     """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
     ``dtype`` when given (the result is then in ``dtype``).
@@ -52,6 +53,7 @@ def _mean(t, dim, keepdim=False, dtype=None):
 _COLUMN_BLOCK = {1: 16, 2: 8}
 
 
+@per_tensor
 def _column_mean(t, reads=1):
     """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`; ``reads``: how many full-size tensors
     the compiled expression of ``t`` reads (it sets the block size).
@@ -82,7 +84,7 @@ def _row_rsqrt(row):
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    return hoist((row / _mean(row, -1, keepdim=True, dtype=torch.float64).to(row.dtype)).rsqrt())
+    return hoist((row / _as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)).rsqrt())
 
 
 def _factored_rsqrt(row, col):
@@ -90,9 +92,25 @@ def _factored_rsqrt(row, col):
     return _row_rsqrt(row).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
 
 
+@per_tensor
 def _factored_view(x, exp_avg_sq_row, exp_avg_sq_col):
     """``x`` as the ``[..., n, m]`` matrices its row and column states factor."""
     return x.reshape(*exp_avg_sq_row.shape, exp_avg_sq_col.shape[-1])
+
+
+@per_tensor
+def _view_as(t, like):
+    return t.view(like.shape)
+
+
+@per_tensor
+def _as_dtype_of(t, like):
+    return t.to(like.dtype)
+
+
+@per_tensor
+def _mean_of_all(t):
+    return t.sum() / t.numel()
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
@@ -103,14 +121,33 @@ def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **
     return _mean(x * x + eps1, -1)
 
 
-@per_tensor
-def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
-                  beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None):
+#: Devices on which the multi-tensor path steps factored CAME one matrix at a time, every pass
+#: over a matrix while its temporaries are in cache. Measured on the 2-core CPU against whole
+#: groups of matrices in each kernel (pair-ratio medians, one process): the arena's tiny model
+#: 1.06-1.25 times as slow in groups, GPT-2 small 0.99, only tiny matrices (GPT-2 shapes of width 8)
+#: faster (0.86-0.91). Elsewhere (GPUs) each kernel launch costs host time: there the element-wise
+#: passes are multi-tensor kernels over groups of matrices (``engine.FACTORED_GROUP_NUMEL``).
+MATRIX_BY_MATRIX = frozenset({"cpu"})
+
+
+def came_factored(x, *state, **hyper):
     """One CAME step for a matrix (or a stack of them); returns the update direction.
-    ``stats``: :func:`came_row_statistics` of ``x``, when already computed."""
-    shape = x.shape
+    Arguments: those of :func:`_came_factored`.
+
+    On TensorLists (the multi-tensor path) the element-wise passes are multi-tensor kernels over
+    all the matrices and only the reductions, broadcasts and reshapes go matrix by matrix; on the
+    devices of :data:`MATRIX_BY_MATRIX`, the whole step goes matrix by matrix."""
+    if isinstance(x, TensorList) and x.tensors[0].device.type in MATRIX_BY_MATRIX:
+        return _came_factored_by_matrix(x, *state, **hyper)
+    return _came_factored(x, *state, **hyper)
+
+
+def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
+                   beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None):
+    """:func:`came_factored` on tensors or TensorLists. ``stats``: :func:`came_row_statistics`
+    of ``x``, when already computed."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
-    m = exp_avg.view(x.shape)
+    m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
     # new one costs an allocation, and on the compiled path in-place ops on them change nothing.
     xx = x * x
@@ -119,18 +156,18 @@ def came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, e
     row = _row_rsqrt(exp_avg_sq_row)
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
-    weighted = _column_mean(xx.mul_(placed_like((row * row).unsqueeze(-1), xx)))
+    weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)))
     ema_(exp_avg_sq_col, _column_mean(sq), 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
-    rms = ((col * col * weighted).sum() / weighted.numel()).sqrt()
+    rms = _mean_of_all(col * col * weighted).sqrt()
     # placed like m (identity unless DTensor) before the in-place product with x
-    u = placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
+    u = _placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
     u.div_(hoist((rms / clip_threshold).clamp_min(1.0)))
     ema_(m, u, 1 - beta1)
     res = u.sub_(m).pow_(2).add_(eps2)
     ema_(exp_avg_res_row, _mean(res, -1), 1 - beta3)
     ema_(exp_avg_res_col, _column_mean(res, reads=2), 1 - beta3)
-    return placed_like(_factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).mul_(m).view(shape)
+    return _view_as(_placed_like(_factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).mul_(m), exp_avg)
 
 
 def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):
@@ -147,3 +184,5 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
 
 
 _rms_each = per_tensor(_rms)
+_placed_like = per_tensor(placed_like)
+_came_factored_by_matrix = per_tensor(_came_factored)
