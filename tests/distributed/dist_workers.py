@@ -7,6 +7,7 @@ file, not once per optimizer). Rank 0's return value comes back to the caller.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import traceback
@@ -154,13 +155,31 @@ def wrap(model: nn.Module, mode: str, world: int) -> nn.Module:
     return model
 
 
-FLAGS = {"fsdp": {}, "fsdp-per_tensor": {"foreach": False}, "fsdp-fused": {"fused": True}}
+FLAGS = {"fsdp": {}, "fsdp-per_tensor": {"foreach": False}, "fsdp-fused": {"fused": True},
+         "fsdp-grouped": {}}
+
+
+@contextlib.contextmanager
+def grouped_came(mode: str):
+    """For ``mode == "fsdp-grouped"``: factored CAME's multi-tensor passes over groups of matrices
+    (of at most 60 elements: the conv kernel alone, the three linear weights together), the form
+    GPUs run; the CPU otherwise goes matrix by matrix."""
+    if mode != "fsdp-grouped":
+        yield
+        return
+    saved = shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL
+    shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL = frozenset(), 60
+    try:
+        yield
+    finally:
+        shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL = saved
 
 
 def run_one(label: str, mode: str, rank: int = 0, world: int = 1, steps: int = STEPS):
     model = wrap(new_model(), mode, world)
     opt = make_optimizer(model, label, mode, **FLAGS.get(mode, {}))
-    losses = train(model, opt, range(steps), rank, world)
+    with grouped_came(mode):
+        losses = train(model, opt, range(steps), rank, world)
     return full_params(model), losses, shine.optimizer_state_bytes(_inner(opt))
 
 

@@ -20,8 +20,10 @@ FUSED = ["adamw", "lion", "c-adamw", "came", "adamw-clip"]
 CLIPPED = [label for label in LABELS if label.endswith("-clip")]
 NONFINITE = ["c-adamw", "mars-shampoo", "came"]
 FSDP1 = ["adamw", "lion", "c-adamw", "mars-adamw", "came"]
+# FSDP2 with factored CAME's multi-tensor passes in groups of matrices (what GPUs run)
+GROUPED = [label for label in LABELS if "came" in label]
 CASES = ([(label, mode) for mode in MODES for label in LABELS if not (mode == "zero" and label in CLIPPED)]
-         + [(label, "fsdp-fused") for label in FUSED])
+         + [(label, "fsdp-fused") for label in FUSED] + [(label, "fsdp-grouped") for label in GROUPED])
 
 
 @pytest.fixture(scope="module")

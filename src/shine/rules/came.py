@@ -29,13 +29,21 @@ def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tupl
     return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
 
 
+def _size(t, dim=None):
+    """The size of ``t`` along ``dim`` (``None``: its number of elements); for a TensorList, the
+    list of its tensors' sizes, which divide them in one multi-tensor kernel."""
+    if isinstance(t, TensorList):
+        return [_size(x, dim) for x in t]
+    return t.numel() if dim is None else t.shape[dim]
+
+
 def _rms(t):
     """``sqrt(mean(t^2))``; ``math.sqrt`` of the size is host arithmetic (a ``** 0.5`` of a
     symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel)."""
-    return t.norm() / math.sqrt(t.numel())
+    sizes = _size(t)
+    return t.norm() / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
-@per_tensor
 def _mean(t, dim, keepdim=False, dtype=None):
     """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
     ``dtype`` when given (the result is then in ``dtype``).
@@ -44,7 +52,7 @@ def _mean(t, dim, keepdim=False, dtype=None):
     all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
     dim makes DTensor all-gather the whole tensor first.
     """
-    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / t.shape[dim]
+    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / _size(t, dim)
 
 
 #: Rows per block of :func:`_column_mean` under the compiler, for a column pass that reads one
@@ -53,7 +61,6 @@ def _mean(t, dim, keepdim=False, dtype=None):
 _COLUMN_BLOCK = {1: 16, 2: 8}
 
 
-@per_tensor
 def _column_mean(t, reads=1):
     """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`; ``reads``: how many full-size tensors
     the compiled expression of ``t`` reads (it sets the block size).
@@ -70,8 +77,10 @@ def _column_mean(t, reads=1):
     (a size guard, so a graph of their own): inductor fails to lower the blocked form when the
     compile's example has no whole block.
     """
+    if not torch.compiler.is_compiling():
+        return _mean(t, -2)
     n, block = t.shape[-2], _COLUMN_BLOCK[reads]
-    if not torch.compiler.is_compiling() or n < block + 2:
+    if n < block + 2:
         return _mean(t, -2)
     whole = (n - 2) // block * block
     blocks = t[..., :whole, :].unflatten(-2, (whole // block, block)).sum(-2).sum(-2, dtype=torch.float64)
@@ -108,9 +117,8 @@ def _as_dtype_of(t, like):
     return t.to(like.dtype)
 
 
-@per_tensor
 def _mean_of_all(t):
-    return t.sum() / t.numel()
+    return t.sum() / _size(t)
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
@@ -178,11 +186,10 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     """
     ema_(exp_avg_sq, (x * x).add_(eps1), 1 - beta2)
     u = exp_avg_sq.rsqrt().mul_(x)
-    u.div_(hoist((_rms_each(u) / clip_threshold).clamp_min(1.0)))
+    u.div_(hoist((_rms(u) / clip_threshold).clamp_min(1.0)))
     ema_(exp_avg, u, 1 - beta1)
     return exp_avg
 
 
-_rms_each = per_tensor(_rms)
 _placed_like = per_tensor(placed_like)
 _came_factored_by_matrix = per_tensor(_came_factored)
