@@ -90,6 +90,7 @@ def test_checkpoint_moves_between_devices(name, source, target):
     resumed.load_state_dict(checkpoint)
     for state in resumed.state.values():
         assert all(v.device.type == target for v in state.values() if torch.is_tensor(v) and v.dim())
+        assert state["step"].device.type == "cpu"  # read every step: on the GPU each read would wait
     after = drive(resumed, resumed_params, [[g.to(target) for g in step] for step in grads[4:]])
     assert_trajectories_close([[t.cpu() for t in a] for a in after], [[t.cpu() for t in a] for a in continued],
                               DTYPES["fp32"], what=f"{name}: {source} checkpoint continued on {target}")

@@ -88,6 +88,23 @@ def test_torch_adamw_state_loads_into_shine_adamw():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_loaded_step_counts_are_host_float32():
+    """Step counts load as float32 tensors on the host, however they were saved (float64, int64, or
+    on the parameter's device, where torch moves them for fused groups): the step reads each one
+    every step, and a count on a GPU would make each read wait for it."""
+    model = TinyNet()
+    source = make("adamw", model)
+    train(model, source, 2)
+    saved = source.state_dict()
+    for i, state in saved["state"].items():
+        state["step"] = torch.tensor(2, dtype=torch.int64 if i % 2 else torch.float64)
+    opt = make("adamw", model, fused=True)
+    opt.load_state_dict(saved)
+    for state in opt.state.values():
+        assert state["step"].dtype == torch.float32 and state["step"].device.type == "cpu"
+        assert state["step"].item() == 2
+
+
 def test_loaded_state_is_a_copy():
     """Stepping an optimizer that loaded another's state dict leaves the other's state alone
     (torch shares the tensors, so each step also advanced the source's step counts)."""

@@ -159,7 +159,9 @@ class ShineOptimizer(Optimizer):
                 if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=_loaded_dtype(value.dtype, p.dtype), copy=True)
                 elif key == "step" and isinstance(value, Tensor):  # torch would share it with the source
-                    self.state[p][key] = value.clone()
+                    # a float32 count on the host, as _init_param_state makes it: torch moves it to the
+                    # parameter's device for fused groups, where every step's read of it would wait for the GPU
+                    self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
                 elif key == "step" and isinstance(value, (int, float)):  # as torch < 1.12 saved it
                     self.state[p][key] = torch.tensor(float(value))
         index = 0
