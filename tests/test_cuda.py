@@ -4,6 +4,7 @@ changes), checkpoints moving between CUDA and the CPU, stochastic rounding's has
 state, and ``shine bench --device cuda``."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -161,3 +162,16 @@ def test_bench_times_cuda(tmp_path):
     rows = {(r["optimizer"], r["path"]): r for r in figures["rows"]}
     assert {("adamw", "fused"), ("came", "auto"), ("came", "foreach")} <= set(rows)
     assert all(r["median_s"] > 0 and r["ratio_to_fused_adamw"] > 0 for r in rows.values())
+
+
+def test_arena_trains_on_cuda(tmp_path):
+    """``shine arena --device cuda``: every default optimizer trains a small model on the GPU."""
+    from shine import cli
+    from shine.arena import runner
+
+    args = ["arena", "--device", "cuda", "--model", "nano", "--steps", "20", "--seq-len", "32",
+            "--batch-size", "8", "--seeds", "1", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    rows = {row["optimizer"]: row for row in json.loads((tmp_path / "results.json").read_text())["summary"]}
+    assert set(rows) == set(runner.DEFAULT_OPTIMIZERS)
+    assert all(row["val_loss_mean"] < math.log(256) for row in rows.values())
