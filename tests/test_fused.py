@@ -171,14 +171,20 @@ def test_fallback_when_compiling_fails(monkeypatch):
     assert engine.choose_path(True, None, torch.device("cpu"), 10) == "fused"
 
 
-def test_auto_choice():
+def test_auto_choice(monkeypatch):
     """fused=None: CPU fuses only buckets of AUTO_FUSE_MIN_NUMEL elements or more (so small
     models and tests never compile); foreach=False keeps the reference loop; fused=False never.
-    CUDA never fuses by itself (the multi-tensor path measured faster there), but does on request."""
+    CUDA never fuses by itself (the multi-tensor path measured faster there), but does on request,
+    with one warning saying so."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     small, large = 1000, engine.AUTO_FUSE_MIN_NUMEL["cpu"]
     assert engine.choose_path(None, None, cuda, 10 * large) == "foreach"
-    assert engine.choose_path(True, None, cuda, small) == "fused"
+    monkeypatch.setattr(validation, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="fused=True on CUDA measured slower"):
+        assert engine.choose_path(True, None, cuda, small) == "fused"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.choose_path(True, None, cuda, small) == "fused"  # once per process
     assert engine.choose_path(None, None, cpu, small) == "foreach"
     assert engine.choose_path(None, False, cpu, large) == "per_tensor"
     assert engine.choose_path(False, None, cpu, large) == "foreach"

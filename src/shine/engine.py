@@ -290,6 +290,12 @@ def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
 #: serial kernel per tensor), CAME 19.9 / 18.2 (within noise).
 AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cpu": 4_000_000}
 
+#: Devices on which ``fused=True`` measured slower than the multi-tensor path: the warning it gives there.
+SLOWER_FUSED: dict[str, str] = {
+    "cuda": "shine: fused=True on CUDA measured slower than the multi-tensor path that fused=None takes "
+            "(H200, GPT-2 small: AdamW 5.2 against 3.25 times torch's fused AdamW, the cautious AdamW and "
+            "Lion steps about 40 times slower); see benchmarks/README.md"}
+
 
 def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
     """The execution path for a bucket of ``numel`` elements, from the user's ``fused``/``foreach`` flags.
@@ -305,6 +311,8 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
     """
     if fused:
         if _compiles_on(device):
+            if device.type in SLOWER_FUSED:
+                warn_once(SLOWER_FUSED[device.type])
             return "fused"
         warn_once(_no_compiler(device.type))
     elif fused is None and foreach is not False:
