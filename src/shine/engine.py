@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import rules
+from . import rules, tensorlist
 from .rules.hoist import hoist
 from .tensorlist import TensorList, per_tensor
 from .validation import warn_once
@@ -341,7 +341,7 @@ def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
 FOREACH_GROUP_NUMEL: dict[str, int] = {"cpu": 262_144}
 
 #: Where factored CAME's element-wise passes are multi-tensor kernels (devices not in
-#: ``rules.came.MATRIX_BY_MATRIX``), its several full-size temporaries would otherwise exist for
+#: ``tensorlist.PER_TENSOR_DEVICES``), its several full-size temporaries would otherwise exist for
 #: all of a bucket's matrices at once: there it steps groups of at most this many elements (a
 #: larger matrix forms a group of its own), so its transient memory stays that of its largest
 #: matrix or of this many elements, whichever is more. (It had gone matrix by matrix, kernel by
@@ -356,7 +356,7 @@ def _foreach_groups(pipe: Pipeline, params: list[Tensor]) -> list[tuple[int, int
     device = params[0].device.type if params else None
     if pipe.precondition in _SHAPE_FREE:
         limit = FOREACH_GROUP_NUMEL.get(device)
-    elif pipe.precondition is rules.came_factored and device not in rules.came.MATRIX_BY_MATRIX:
+    elif pipe.precondition is rules.came_factored and device not in tensorlist.PER_TENSOR_DEVICES:
         limit = FACTORED_GROUP_NUMEL
     else:
         limit = None

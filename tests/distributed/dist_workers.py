@@ -156,29 +156,30 @@ def wrap(model: nn.Module, mode: str, world: int) -> nn.Module:
 
 
 FLAGS = {"fsdp": {}, "fsdp-per_tensor": {"foreach": False}, "fsdp-fused": {"fused": True},
-         "fsdp-grouped": {}}
+         "fsdp-gpu-form": {}}
 
 
 @contextlib.contextmanager
-def grouped_came(mode: str):
-    """For ``mode == "fsdp-grouped"``: factored CAME's multi-tensor passes over groups of matrices
-    (of at most 60 elements: the conv kernel alone, the three linear weights together), the form
-    GPUs run; the CPU otherwise goes matrix by matrix."""
-    if mode != "fsdp-grouped":
+def gpu_form(mode: str):
+    """For ``mode == "fsdp-gpu-form"``: the multi-tensor path as GPUs run it (the CPU otherwise
+    prefers per-tensor kernels): caution's mask and kept fraction as multi-tensor kernels, and
+    factored CAME's passes over groups of matrices (of at most 60 elements: the conv kernel alone,
+    the three linear weights together)."""
+    if mode != "fsdp-gpu-form":
         yield
         return
-    saved = shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL
-    shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL = frozenset(), 60
+    saved = shine.tensorlist.PER_TENSOR_DEVICES, shine.engine.FACTORED_GROUP_NUMEL
+    shine.tensorlist.PER_TENSOR_DEVICES, shine.engine.FACTORED_GROUP_NUMEL = frozenset(), 60
     try:
         yield
     finally:
-        shine.rules.came.MATRIX_BY_MATRIX, shine.engine.FACTORED_GROUP_NUMEL = saved
+        shine.tensorlist.PER_TENSOR_DEVICES, shine.engine.FACTORED_GROUP_NUMEL = saved
 
 
 def run_one(label: str, mode: str, rank: int = 0, world: int = 1, steps: int = STEPS):
     model = wrap(new_model(), mode, world)
     opt = make_optimizer(model, label, mode, **FLAGS.get(mode, {}))
-    with grouped_came(mode):
+    with gpu_form(mode):
         losses = train(model, opt, range(steps), rank, world)
     return full_params(model), losses, shine.optimizer_state_bytes(_inner(opt))
 

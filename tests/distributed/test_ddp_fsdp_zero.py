@@ -20,10 +20,10 @@ FUSED = ["adamw", "lion", "c-adamw", "came", "adamw-clip"]
 CLIPPED = [label for label in LABELS if label.endswith("-clip")]
 NONFINITE = ["c-adamw", "mars-shampoo", "came"]
 FSDP1 = ["adamw", "lion", "c-adamw", "mars-adamw", "came"]
-# FSDP2 with factored CAME's multi-tensor passes in groups of matrices (what GPUs run)
-GROUPED = [label for label in LABELS if "came" in label]
+# FSDP2 with the multi-tensor path as GPUs run it (caution's and CAME's multi-tensor forms)
+GPU_FORM = [label for label in LABELS if "came" in label or label.startswith("c-")]
 CASES = ([(label, mode) for mode in MODES for label in LABELS if not (mode == "zero" and label in CLIPPED)]
-         + [(label, "fsdp-fused") for label in FUSED] + [(label, "fsdp-grouped") for label in GROUPED])
+         + [(label, "fsdp-fused") for label in FUSED] + [(label, "fsdp-gpu-form") for label in GPU_FORM])
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import torch
 
 import shine
 
-from .cases import CASES, run_reference, run_shine
-from .support import DTYPES, assert_trajectories_close, drive, fresh_params, problem
+from .support import assert_trajectories_close, drive, fresh_params, problem
 
 came_pytorch = pytest.importorskip("came_pytorch")
 
@@ -91,20 +90,3 @@ def test_fused_factored_step_compiles_once_for_any_row_count():
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:1] * 4, f"graph count after each matrix: {graphs}"
 
-
-@pytest.mark.parametrize("limit", [50, 1 << 24], ids=["groups", "whole"])
-@pytest.mark.parametrize("optimizer, step, hp, grad_scale", [c for c in CASES if "came" in c.id],
-                         ids=[c.id for c in CASES if "came" in c.id])
-def test_multi_tensor_passes_match(optimizer, step, hp, grad_scale, limit, monkeypatch):
-    """Factored CAME with its element-wise passes as multi-tensor kernels over groups of matrices
-    (what GPUs run; the CPU goes matrix by matrix): forced on the CPU, with the matrices of 21, 21
-    and 108 elements in groups of at most ``limit`` elements (two matrices and one, or all three),
-    it follows the reference, and the per-tensor path 10x tighter."""
-    monkeypatch.setattr(shine.rules.came, "MATRIX_BY_MATRIX", frozenset())
-    monkeypatch.setattr(shine.engine, "FACTORED_GROUP_NUMEL", limit)
-    dtypes = DTYPES["fp32"]
-    params0, grads = problem(dtypes, grad_scale=grad_scale)
-    _, multi = run_shine(optimizer, hp, params0, grads, foreach=True)
-    _, single = run_shine(optimizer, hp, params0, grads, foreach=False)
-    assert_trajectories_close(multi, run_reference(step, hp, params0, grads), dtypes, what="vs reference")
-    assert_trajectories_close(multi, single, dtypes, fp32=(1e-6, 1e-7), what="vs per-tensor")

@@ -11,7 +11,7 @@ import torch
 from ..distributed import placed_like
 from .ema import ema_
 from .hoist import hoist
-from ..tensorlist import TensorList, per_tensor
+from ..tensorlist import TensorList, launches_cost, per_tensor, size_of
 
 
 def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -29,18 +29,10 @@ def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tupl
     return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
 
 
-def _size(t, dim=None):
-    """The size of ``t`` along ``dim`` (``None``: its number of elements); for a TensorList, the
-    list of its tensors' sizes, which divide them in one multi-tensor kernel."""
-    if isinstance(t, TensorList):
-        return [_size(x, dim) for x in t]
-    return t.numel() if dim is None else t.shape[dim]
-
-
 def _rms(t):
     """``sqrt(mean(t^2))``; ``math.sqrt`` of the size is host arithmetic (a ``** 0.5`` of a
     symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel)."""
-    sizes = _size(t)
+    sizes = size_of(t)
     return t.norm() / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
@@ -52,7 +44,7 @@ def _mean(t, dim, keepdim=False, dtype=None):
     all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
     dim makes DTensor all-gather the whole tensor first.
     """
-    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / _size(t, dim)
+    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / size_of(t, dim)
 
 
 #: Rows per block of :func:`_column_mean` under the compiler, for a column pass that reads one
@@ -118,7 +110,7 @@ def _as_dtype_of(t, like):
 
 
 def _mean_of_all(t):
-    return t.sum() / _size(t)
+    return t.sum() / size_of(t)
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
@@ -129,23 +121,18 @@ def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **
     return _mean(x * x + eps1, -1)
 
 
-#: Devices on which the multi-tensor path steps factored CAME one matrix at a time, every pass
-#: over a matrix while its temporaries are in cache. Measured on the 2-core CPU against whole
-#: groups of matrices in each kernel (pair-ratio medians, one process): the arena's tiny model
-#: 1.06-1.25 times as slow in groups, GPT-2 small 0.99, only tiny matrices (GPT-2 shapes of width 8)
-#: faster (0.86-0.91). Elsewhere (GPUs) each kernel launch costs host time: there the element-wise
-#: passes are multi-tensor kernels over groups of matrices (``engine.FACTORED_GROUP_NUMEL``).
-MATRIX_BY_MATRIX = frozenset({"cpu"})
-
-
 def came_factored(x, *state, **hyper):
     """One CAME step for a matrix (or a stack of them); returns the update direction.
     Arguments: those of :func:`_came_factored`.
 
-    On TensorLists (the multi-tensor path) the element-wise passes are multi-tensor kernels over
-    all the matrices and only the reductions, broadcasts and reshapes go matrix by matrix; on the
-    devices of :data:`MATRIX_BY_MATRIX`, the whole step goes matrix by matrix."""
-    if isinstance(x, TensorList) and x.tensors[0].device.type in MATRIX_BY_MATRIX:
+    On TensorLists (the multi-tensor path) where launches cost host time (GPUs), the element-wise
+    passes are multi-tensor kernels over all the matrices, and only the reductions, broadcasts and
+    reshapes go matrix by matrix. On the CPU the whole step goes matrix by matrix, every pass over
+    a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
+    of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
+    1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
+    width 8) less (0.86-0.91)."""
+    if isinstance(x, TensorList) and not launches_cost(x):
         return _came_factored_by_matrix(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
 

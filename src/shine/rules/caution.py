@@ -1,4 +1,5 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
+from ..tensorlist import launches_cost, size_of
 from .hoist import hoist
 
 
@@ -23,11 +24,18 @@ def kept_fraction(direction, g):
 
 
 def _agrees(u, g):
-    """``(u * g > 0)`` as 1.0/0.0 in ``u``'s dtype, written into the one temporary ``u * g``."""
-    return (u * g).gt_(0)
+    """``(u * g > 0)`` as 1.0/0.0 in ``u``'s dtype, written into the one temporary ``u * g``.
+    Where launches cost host time, TensorLists take two multi-tensor passes (sign, then clamp
+    at 0) rather than a comparison kernel per tensor."""
+    product = u * g
+    if launches_cost(product):
+        return product.sign_().clamp_min_(0)
+    return product.gt_(0)
 
 
 def _floored_mean(mask):
     # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
     # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
-    return hoist((mask.sum() / mask.numel()).clamp_min(1e-3))
+    # A mask's L1 norm is its sum: where launches cost host time, one multi-tensor kernel.
+    total = mask.norm(1) if launches_cost(mask) else mask.sum()
+    return hoist((total / size_of(mask)).clamp_min(1e-3))
