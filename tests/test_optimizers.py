@@ -722,3 +722,33 @@ def test_grad_scaler_unscales_and_skips_overflowing_steps(name):
     assert all(s["step"].item() == 5 for s in opt.state.values())
     for p, q in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---- empty parameters -------------------------------------------------------------------------
+@pytest.mark.parametrize("gpu_form", [False, True], ids=["cpu-form", "gpu-form"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_parameters_count_steps_and_change_nothing_else(name, foreach, gpu_form, monkeypatch):
+    """Parameters with no elements ((0, 5), (5, 0), (0,)) count their steps and keep finite state
+    (CAME's column means over 0 rows were NaN; MARS-Shampoo divided by 0 columns), and the other
+    parameters step as they would without them."""
+    if gpu_form:
+        monkeypatch.setattr(shine.tensorlist, "PER_TENSOR_DEVICES", frozenset())
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(3, 4, generator=gen), torch.randn(4, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in full] for _ in range(3)]
+    runs = []
+    for empty in ([], [torch.zeros(0, 5), torch.zeros(5, 0), torch.zeros(0)]):
+        params = [nn.Parameter(t.clone()) for t in full] + [nn.Parameter(t) for t in empty]
+        opt = make(name, params, foreach=foreach, fused=False)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads + [torch.zeros_like(t) for t in empty]):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(params[:2])
+        for p in params[2:]:
+            state = opt.state[p]
+            assert state["step"].item() == 3
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
