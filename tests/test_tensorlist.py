@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shine import rules
-from shine.tensorlist import TensorList, per_tensor
+from shine import tensorlist
+from shine.tensorlist import TensorList, multi_tensor_preferred, per_tensor, size_of
 
 SHAPES = [(), (5,), (3, 4), (2, 3, 2)]
 
@@ -24,6 +25,8 @@ def test_arithmetic_and_reductions_match_per_tensor():
         torch.testing.assert_close(o, r)
     for n, x in zip(ta.norm(), a):
         torch.testing.assert_close(n, x.norm())
+    for n, x in zip(ta.norm(1), a):
+        torch.testing.assert_close(n, x.abs().sum())
     for m, x in zip((ta > 0).to(torch.float32).mean(), a):
         torch.testing.assert_close(m, (x > 0).float().mean())
 
@@ -36,6 +39,7 @@ def test_in_place_ops_update_the_listed_tensors():
         "sign_": lambda x, y: x.sign_(),
         "gt_": lambda x, y: x.gt_(0),  # caution's mask, written into its temporary
         "pow_": lambda x, y: x.pow_(2),
+        "clamp_min_": lambda x, y: x.clamp_min_(0),  # caution's mask where launches cost host time
     }
     for name, op in ops.items():
         a, b = _lists(0), _lists(1)
@@ -93,3 +97,16 @@ def test_protocol_attributes_are_not_mapped_methods():
     copied = copy.deepcopy(tl)
     assert copied is not tl and all(torch.equal(a, b) for a, b in zip(copied, tl))
     assert [t.shape for t in tl.flatten()] == [torch.Size([2]), torch.Size([3])]
+
+
+def test_sizes_and_where_multi_tensor_kernels_are_preferred(monkeypatch):
+    """``size_of``: a tensor's size along a dim or its numel, a list of them for a TensorList.
+    Multi-tensor kernels are preferred for TensorLists off ``PER_TENSOR_DEVICES`` (the CPU)."""
+    a = _lists(0)
+    assert size_of(a[2]) == 12 and size_of(a[2], -1) == 4
+    assert size_of(TensorList(a)) == [1, 5, 12, 12] and size_of(TensorList(a[1:]), 0) == [5, 3, 2]
+    assert not multi_tensor_preferred(TensorList(a)) and not multi_tensor_preferred(a[0])
+    assert multi_tensor_preferred(TensorList([torch.empty(3, device="meta")]))
+    assert not multi_tensor_preferred(TensorList([]))
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_DEVICES", frozenset())
+    assert multi_tensor_preferred(TensorList(a))

@@ -126,7 +126,7 @@ class TensorList:
 PER_TENSOR_DEVICES = frozenset({"cpu"})
 
 
-def launches_cost(x: Any) -> bool:
+def multi_tensor_preferred(x: Any) -> bool:
     """Whether ``x`` is a TensorList on a device where kernel launches cost host time (not in
     :data:`PER_TENSOR_DEVICES`): the rules then take multi-tensor kernels over per-tensor ones."""
     return isinstance(x, TensorList) and bool(x.tensors) and x.tensors[0].device.type not in PER_TENSOR_DEVICES

@@ -36,7 +36,7 @@ def test_foreach_matches_single(optimizer, step, hp, grad_scale, dtypes):
 
 @pytest.mark.parametrize("limit", [50, 1 << 24], ids=["groups", "whole"])
 @pytest.mark.parametrize("optimizer, step, hp, grad_scale", CASES)
-def test_multi_tensor_kernels_where_launches_cost(optimizer, step, hp, grad_scale, limit, monkeypatch):
+def test_gpu_form_of_the_multi_tensor_path(optimizer, step, hp, grad_scale, limit, monkeypatch):
     """The multi-tensor path as GPUs run it, forced on the CPU (``tensorlist.PER_TENSOR_DEVICES``
     empty): caution's mask and kept fraction as multi-tensor kernels, factored CAME's passes over
     groups of matrices of at most ``limit`` elements (the 21-, 21- and 108-element matrices go

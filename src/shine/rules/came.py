@@ -11,7 +11,7 @@ import torch
 from ..distributed import placed_like
 from .ema import ema_
 from .hoist import hoist
-from ..tensorlist import TensorList, launches_cost, per_tensor, size_of
+from ..tensorlist import TensorList, multi_tensor_preferred, per_tensor, size_of
 
 
 def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -132,7 +132,7 @@ def came_factored(x, *state, **hyper):
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
     width 8) less (0.86-0.91)."""
-    if isinstance(x, TensorList) and not launches_cost(x):
+    if isinstance(x, TensorList) and not multi_tensor_preferred(x):
         return _came_factored_by_matrix(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
 

@@ -1,5 +1,5 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
-from ..tensorlist import launches_cost, size_of
+from ..tensorlist import multi_tensor_preferred, size_of
 from .hoist import hoist
 
 
@@ -28,7 +28,7 @@ def _agrees(u, g):
     Where launches cost host time, TensorLists take two multi-tensor passes (sign, then clamp
     at 0) rather than a comparison kernel per tensor."""
     product = u * g
-    if launches_cost(product):
+    if multi_tensor_preferred(product):
         return product.sign_().clamp_min_(0)
     return product.gt_(0)
 
@@ -37,5 +37,5 @@ def _floored_mean(mask):
     # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
     # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
     # A mask's L1 norm is its sum: where launches cost host time, one multi-tensor kernel.
-    total = mask.norm(1) if launches_cost(mask) else mask.sum()
+    total = mask.norm(1) if multi_tensor_preferred(mask) else mask.sum()
     return hoist((total / size_of(mask)).clamp_min(1e-3))
