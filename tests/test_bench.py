@@ -28,9 +28,12 @@ def test_bench_rows_and_json(tmp_path, capsys):
     assert "came" in capsys.readouterr().out
 
 
-def test_bench_refuses_a_missing_device():
-    """--device names a device type this machine lacks: a clear exit, not a traceback."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit, match="no cuda device is available"):
-        bench.main(["--device", "cuda", "--scale", "tiny", "--json", ""])
+def test_bench_refuses_a_missing_or_unknown_device():
+    """--device names a device type this machine lacks, or no device: a clear exit, not a traceback."""
+    with pytest.raises(SystemExit, match="--device foo: not a device"):
+        bench.main(["--device", "foo", "--scale", "tiny", "--json", ""])
+    with pytest.raises(SystemExit, match="--device meta: no meta device is available"):
+        bench.main(["--device", "meta", "--scale", "tiny", "--json", ""])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no cuda device is available"):
+            bench.main(["--device", "cuda", "--scale", "tiny", "--json", ""])

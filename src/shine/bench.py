@@ -231,8 +231,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .registry import create_optimizer
 
-    device = torch.device(args.device)
-    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"shine bench: --device {args.device}: not a device (cpu, cuda, cuda:N, ...)") from None
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (module is not None and hasattr(module, "is_available") and module.is_available()):
         raise SystemExit(f"shine bench: --device {args.device}: no {device.type} device is available here")
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     params = make_params(shapes, dtype, device=device)
     n = sum(p.numel() for p in params)
     bandwidth = copy_bandwidth(n, device=device)
-    device_name = "cpu" if device.type == "cpu" else getattr(torch, device.type).get_device_name(device)
+    device_name = "cpu" if device.type == "cpu" else module.get_device_name(device)
     where = f"{threads} threads" if device.type == "cpu" else device_name
     print(f"GPT-2 {args.scale}: {n / 1e6:.1f}M parameters in {len(params)} tensors, {args.param_dtype}; "
           f"torch {torch.__version__}, {where}; copy bandwidth {bandwidth:.1f} GB/s", flush=True)
