@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_cuda.py 2>&1 | tee "$out/tests.log"
-timeout 90 python3 benchmarks/step_profile.py 2>&1 | tee "$out/profile.log"
+timeout 120 python3 benchmarks/step_profile.py --only adamw c-adamw lion mars-adamw came c-came --per-tensor-form 2>&1 | tee "$out/profile.log"
 timeout 60 python3 benchmarks/step_profile.py --only adamw came --paths fused foreach --host 15 >"$out/host.log" 2>&1
 timeout 270 python3 -m shine bench --device cuda --paths fused foreach --steps 20 --json "$out/bench_fp32.json" \
     2>&1 | tee "$out/bench_fp32.log"
