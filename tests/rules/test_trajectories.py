@@ -35,16 +35,17 @@ def test_foreach_matches_single(optimizer, step, hp, grad_scale, dtypes):
 
 
 @pytest.mark.parametrize("limit", [50, 1 << 24], ids=["groups", "whole"])
+@pytest.mark.parametrize("dtypes", ["fp32", "mixed"])
 @pytest.mark.parametrize("optimizer, step, hp, grad_scale", CASES)
-def test_gpu_form_of_the_multi_tensor_path(optimizer, step, hp, grad_scale, limit, monkeypatch):
+def test_gpu_form_of_the_multi_tensor_path(optimizer, step, hp, grad_scale, dtypes, limit, monkeypatch):
     """The multi-tensor path as GPUs run it, forced on the CPU (``tensorlist.PER_TENSOR_DEVICES``
     empty): caution's mask and kept fraction as multi-tensor kernels, factored CAME's passes over
     groups of matrices of at most ``limit`` elements (the 21-, 21- and 108-element matrices go
     two and one, or all three together). It follows the reference, and the per-tensor path 10x
-    tighter."""
+    tighter. ``mixed``: fp32 and bf16 parameters in one group (a bucket per dtype)."""
     monkeypatch.setattr(shine.tensorlist, "PER_TENSOR_DEVICES", frozenset())
     monkeypatch.setattr(shine.engine, "FACTORED_GROUP_NUMEL", limit)
-    dtypes = DTYPES["fp32"]
+    dtypes = DTYPES[dtypes]
     params0, grads = problem(dtypes, grad_scale=grad_scale)
     _, multi = run_shine(optimizer, hp, params0, grads, foreach=True)
     _, single = run_shine(optimizer, hp, params0, grads, foreach=False)
