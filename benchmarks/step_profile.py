@@ -7,7 +7,8 @@ GPT-2-shaped parameters, the median wall time of a step, the summed device time 
 (torch.profiler), the number of kernels launched, and the bytes the step must move over that
 kernel time (effective bandwidth while the kernels run). ``--per-tensor-form`` also times each multi-tensor
 row in the CPU's form (per-tensor kernels for caution's mask and CAME's passes), to weigh the
-GPU's multi-tensor form against it in one process. ``--host N`` also prints, per row, the N host-side
+GPU's multi-tensor form against it in one process; ``--bucket-fused`` each fused row as one
+compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``--host N`` also prints, per row, the N host-side
 operations that took the most self CPU time (where a host-bound step spends it).
 
     python benchmarks/step_profile.py --only adamw came --scale small --host 12
@@ -24,19 +25,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from shine import bench, create_optimizer, optimizer_state_bytes, tensorlist  # noqa: E402
+from shine import bench, create_optimizer, engine, optimizer_state_bytes, tensorlist  # noqa: E402
 
 
 @contextlib.contextmanager
-def per_tensor_form(on: bool):
-    """With ``on``, the multi-tensor path runs in the form the CPU takes (per-tensor kernels for
-    caution's mask and CAME's passes) instead of the GPU's (``tensorlist.PER_TENSOR_DEVICES``)."""
-    saved = tensorlist.PER_TENSOR_DEVICES
-    tensorlist.PER_TENSOR_DEVICES = saved | {"cuda"} if on else saved
+def variant(form: str):
+    """``"per-tensor form"``: the multi-tensor path in the form the CPU takes (per-tensor kernels
+    for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"bucket"``: the
+    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``""``: as is."""
+    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES
+    if form == "per-tensor form":
+        tensorlist.PER_TENSOR_DEVICES = saved[0] | {"cuda"}
+    elif form == "bucket":
+        engine.BUCKET_FUSED_DEVICES = saved[1] | {"cuda"}
     try:
         yield
     finally:
-        tensorlist.PER_TENSOR_DEVICES = saved
+        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES = saved
 
 
 def profile_step(build, params, steps: int = 10, host: int = 0) -> dict[str, float]:
@@ -69,20 +74,24 @@ def main(argv=None) -> int:
     parser.add_argument("--host", type=int, default=0, metavar="N", help="print each row's N costliest host operations")
     parser.add_argument("--per-tensor-form", action="store_true",
                         help="also time the cautious and CAME foreach rows in the CPU's per-tensor form")
+    parser.add_argument("--bucket-fused", action="store_true",
+                        help="also time each fused row as one compiled call per bucket")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
     params = bench.make_params(bench.gpt2_shapes(*bench.SCALES[args.scale]), torch.float32, device="cuda")
     print(f"{'optimizer':<26} {'path':<8} {'wall us':>8} {'kernel us':>9} {'kernels':>7} {'GB/s in kernels':>15}")
-    rows = [("torch AdamW(fused=True)", "torch", False, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True))]
+    rows = [("torch AdamW(fused=True)", "torch", "", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True))]
     for name in args.only:
         for path in args.paths:
             build = lambda name=name, path=path: create_optimizer(params, name, fused=path == "fused")  # noqa: E731
-            rows.append((name, path, False, build))
+            rows.append((name, path, "", build))
             if path == "foreach" and args.per_tensor_form and ("came" in name or name.startswith("c-")):
-                rows.append((f"{name} (per-tensor form)", path, True, build))
-    for label, path, per_tensor, build in rows:
-        with per_tensor_form(per_tensor):
+                rows.append((f"{name} (per-tensor form)", path, "per-tensor form", build))
+            if path == "fused" and args.bucket_fused:
+                rows.append((f"{name} (bucket)", path, "bucket", build))
+    for label, path, form, build in rows:
+        with variant(form):
             r = profile_step(build, params, host=args.host)
         print(f"{label:<26} {path:<8} {r['wall_s'] * 1e6:>8.0f} {r['kernel_s'] * 1e6:>9.0f} {r['kernels']:>7.0f} "
               f"{r['min_bytes'] / r['kernel_s'] / 1e9:>15.0f}", flush=True)

@@ -1,7 +1,8 @@
 """The optimizers on a CUDA device (the whole module is skipped without one): every rule on every
-path against the float64 references, the fused path as Triton kernels (no recompile when the lr
-changes), checkpoints moving between CUDA and the CPU, stochastic rounding's hash in Triton, bf16
-state, and ``shine bench --device cuda``."""
+path against the float64 references, the fused path as Triton kernels (one call per tensor, and
+one per bucket; no recompile when the lr changes), checkpoints moving between CUDA and the CPU,
+stochastic rounding, bf16 state, the non-finite check, ``shine bench --device cuda`` and the
+arena."""
 import copy
 import json
 import math
@@ -73,6 +74,25 @@ def test_fused_matches_reference_and_never_recompiles(optimizer, step, hp, grad_
     expected = run_reference(step, hp, cpu_params0, cpu_grads)
     assert_trajectories_close(actual, expected, dtypes, what="cuda fused vs reference")
     assert_fp32_state(opt)
+
+
+@pytest.mark.parametrize("optimizer, step, hp, grad_scale",
+                         [c for c in CASES if c.id in ("adamw-cautious", "mars-adamw-cautious", "came-wd")],
+                         ids=["adamw-cautious", "mars-adamw-cautious", "came-wd"])
+def test_bucket_fused_matches_reference(optimizer, step, hp, grad_scale, monkeypatch):
+    """The fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``) follows
+    the reference on CUDA, with no compile after the first step."""
+    monkeypatch.setattr(engine, "BUCKET_FUSED_DEVICES", frozenset({"cuda"}))
+    torch._dynamo.reset()
+    counters.clear()
+    dtypes = DTYPES["mixed"]
+    params0, grads, cpu_params0, cpu_grads = cuda_problem(dtypes, grad_scale)
+    graphs = []
+    _, actual = run_on_cuda(optimizer, hp, params0, grads, fused=True,
+                            on_first_step=lambda: graphs.append(counters["stats"]["unique_graphs"]))
+    assert graphs[0] > 0 and counters["stats"]["unique_graphs"] == graphs[0]
+    assert_trajectories_close(actual, run_reference(step, hp, cpu_params0, cpu_grads), dtypes,
+                              what="cuda bucket fused vs reference")
 
 
 @pytest.mark.parametrize("name", ["c-mars-adamw", "came", "mars-came"])

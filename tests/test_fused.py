@@ -130,7 +130,7 @@ def _failing_compiler(monkeypatch, probe_works: bool) -> list:
     the compiles tried (fn name, pipeline key)."""
     tried = []
 
-    def broken(fn, key):
+    def broken(fn, key, dynamic=True):
         def fail(*args):
             tried.append((fn.__name__, key))
             raise RuntimeError("no C++ compiler")
@@ -266,7 +266,7 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
 
 def _uncompiled_fused_path(monkeypatch):
     """The fused path's code run without compiling (the compiler traces the same code)."""
-    monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
+    monkeypatch.setattr(engine, "_compiled", lambda fn, key, dynamic=True: fn)
     checked = []
     grads_finite = engine.grads_finite
 
@@ -380,7 +380,7 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
         foreach_sizes.append(sorted(p.numel() for p in params))
         return run_foreach(pipe, params, *args)
 
-    def fake_compile(fn, key):
+    def fake_compile(fn, key, dynamic=True):
         def step(pipe, p, *args):
             compiled_sizes.append((fn.__name__, p.numel()))
             return fn(pipe, p, *args)

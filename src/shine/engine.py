@@ -230,11 +230,13 @@ def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[
     """Run the read-only pre-pass (:func:`pipeline_prepass`) of a fused bucket, before any tensor
     of any bucket is stepped, so that it doubles as the non-finite check of the gradients it
     reads; ``None`` where there is none (other paths, pipelines without one, devices not in
-    :data:`PREPASS_CHECK_DEVICES`: there the step computes it in its own graph). The result goes
+    :data:`PREPASS_CHECK_DEVICES` or in :data:`BUCKET_FUSED_DEVICES`: there the step computes
+    it in its own graph). The result goes
     to :func:`run_bucket`, which then reuses its arguments instead of building them again.
     """
+    device = params[0].device.type
     if (path != "fused" or not pipe.prepass or not _fusable(pipe, params[0].device)
-            or params[0].device.type not in PREPASS_CHECK_DEVICES):
+            or device not in PREPASS_CHECK_DEVICES or device in BUCKET_FUSED_DEVICES):
         return None
     hyper = _with_scalars(pipe, hyper)
     packed = _packed(hyper, params[0].device)
@@ -395,15 +397,29 @@ _BROKEN: set[Pipeline] = set()
 FUSED_MIN_TENSOR_NUMEL = 8192
 
 
+#: Devices on which a fused bucket is one compiled call for all its tensors
+#: (:func:`fused_bucket_step`: static shapes, one graph per bucket layout) instead of one call
+#: per tensor (:func:`fused_step`: dynamic shapes, one graph per pipeline serves every size).
+#: Per-tensor calls cost host time per tensor, which made the fused CUDA step host-bound on an
+#: H200 (GPT-2 small, AdamW: 12.1 ms of wall time for 1.2 ms of kernels); a bucket's graph costs
+#: one call, but compiles for longer (on the 2-core CPU, 5-21 s for a bucket of six tensors,
+#: AdamW to CAME) and again for another bucket layout. Empty until a GPU run has timed it
+#: (``benchmarks/step_profile.py --bucket-fused`` puts it beside the per-tensor calls).
+BUCKET_FUSED_DEVICES: frozenset[str] = frozenset()
+
+
 def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedBucket | None = None) -> None:
     """One compiled call per tensor, of :func:`fused_step`, traced with dynamic shapes, so one
-    graph per (pipeline, device, dtypes, rank) serves every tensor size. The float hyperparameters
+    graph per (pipeline, device, dtypes, rank) serves every tensor size; on
+    :data:`BUCKET_FUSED_DEVICES`, one call for the bucket. The float hyperparameters
     (lr, betas, step, ...) enter as one float64 tensor, so a scheduler changing lr or the step
     count never recompiles. Tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take the
     multi-tensor path (the same math), and so never cost a graph of their own (sizes 0 and 1
     would each be specialised). ``prepared``: :func:`prepare_bucket`'s result for the bucket."""
     if not _fusable(pipe, params[0].device):
         return _run_foreach(pipe, params, grads, states, hyper)
+    if params[0].device.type in BUCKET_FUSED_DEVICES:
+        return _run_fused_bucket(pipe, params, grads, states, hyper)
     small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
     if any(small):
         _run_foreach(pipe, *(_where(small, seq, True) for seq in (params, grads, states)), hyper)
@@ -421,6 +437,20 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedB
                            bit_casts=hyper.get("stochastic_rounding", False))
         except _CompileFailed:
             return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
+
+
+def _run_fused_bucket(pipe: Pipeline, params, grads, states, hyper) -> None:
+    """:func:`fused_bucket_step` for the whole bucket, compiled for its tensors' shapes and dtypes."""
+    states = [{n: s[n] for n in state_names(pipe)} for s in states]
+    key = (pipe, params[0].device.type, "bucket",
+           tuple((tuple(p.shape), p.dtype, g.dtype, tuple(t.dtype for t in s.values()))
+                 for p, g, s in zip(params, grads, states)))
+    try:
+        _call_compiled(fused_bucket_step, key, pipe, [p.detach() for p in params], grads, states,
+                       *_packed(hyper, params[0].device), bit_casts=hyper.get("stochastic_rounding", False),
+                       dynamic=False)
+    except _CompileFailed:
+        _run_foreach(pipe, params, grads, states, hyper)
 
 
 def _fusable(pipe: Pipeline, device: torch.device) -> bool:
@@ -470,7 +500,7 @@ class _CompileFailed(Exception):
     """Compiling a pipeline's step failed (nothing was written): it now takes the multi-tensor path."""
 
 
-def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False) -> Any:
+def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False, dynamic: bool = True) -> Any:
     """``_compiled(fn, key)(*args)``, compiled (where it compiles) under :func:`_cpu_codegen`
     (``bit_casts``: the step bit-casts floats, as stochastic rounding does). A failure of the first
     call of a key is a compile failure,
@@ -478,7 +508,7 @@ def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False
     key's device (``key[1]``; :func:`compiler_available`, probed only now), the key's pipeline
     (``key[0]``) takes the multi-tensor path from then on; where it does not, every pipeline on
     that device does."""
-    compiled = _compiled(fn, key)
+    compiled = _compiled(fn, key, dynamic)
     out = _call_cached(compiled, args)
     if out is not _MISS:
         return out
@@ -559,6 +589,14 @@ def fused_step(pipe: Pipeline, p, g, state: dict[str, Any], packed: Tensor, floa
     if prepared is None and pipe.prepass:
         prepared = pipeline_prepass(pipe, g, state, hyper, _dtype_of(p) in LOW_PRECISION)
     pipeline_step(pipe, p, g, state, hyper, prepared)
+
+
+def fused_bucket_step(pipe: Pipeline, params: list, grads: list, states: list[dict[str, Any]], packed: Tensor,
+                      floats: tuple[str, ...], flags: dict[str, Any]) -> None:
+    """What the fused path compiles for a whole bucket on :data:`BUCKET_FUSED_DEVICES`:
+    :func:`fused_step` for each tensor, unrolled into one graph."""
+    for p, g, state in zip(params, grads, states):
+        fused_step(pipe, p, g, state, packed, floats, flags, None)
 
 
 def fused_prepass(pipe: Pipeline, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
@@ -686,11 +724,11 @@ def _only_moves(body) -> bool:
 
 
 @functools.cache
-def _compiled(fn: Callable, key: tuple) -> Callable:
+def _compiled(fn: Callable, key: tuple, dynamic: bool = True) -> Callable:
     """The compiled ``fn`` (:func:`fused_step`) for one (pipeline, rank, dtypes) key. Dynamo keeps
     one cache (and recompile limit) per code object, so each key gets its own copy of the code."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"_fused_{fn.__name__}")
-    return torch.compile(copy, dynamic=True, options={**INDUCTOR_OPTIONS, **_cache_marker()})
+    return torch.compile(copy, dynamic=dynamic, options={**INDUCTOR_OPTIONS, **_cache_marker()})
 
 
 @functools.cache

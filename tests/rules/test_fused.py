@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 import shine
 
-from .support import DTYPES, assert_fp32_state, assert_trajectories_close, problem
+from .support import DTYPES, assert_fp32_state, assert_trajectories_close, drive, fresh_params, problem, schedule
 from .cases import CASES, run_reference, run_shine
 
 # Between them: the MARS correction, Adam (2-D and the 1-D route), caution, Newton-Schulz, maximize,
@@ -36,4 +36,36 @@ def test_fused_matches_reference(optimizer, step, hp, grad_scale, request, fresh
     assert counters["stats"]["unique_graphs"] > 0, "fused=True did not compile"
     expected = run_reference(step, hp, params0, grads)
     assert_trajectories_close(actual, expected, dtypes, what="fused vs reference")
+    assert_fp32_state(opt)
+
+
+# Buckets by pipeline (MARS's matrices and Adam's vectors, factored and unfactored CAME) and dtype.
+BUCKET_CASES = {"mars-adamw-cautious": "mixed", "came-wd": "fp32"}
+
+
+@pytest.mark.parametrize("optimizer, step, hp, grad_scale", [c for c in CASES if c.id in BUCKET_CASES],
+                         ids=[c.id for c in CASES if c.id in BUCKET_CASES])
+def test_bucket_fused_matches_reference_and_never_recompiles(optimizer, step, hp, grad_scale, request,
+                                                             fresh_compiler, monkeypatch):
+    """With the device in ``engine.BUCKET_FUSED_DEVICES`` a bucket is one compiled call for all its
+    tensors: it follows the reference while the lr changes every step, compiles one graph per
+    bucket at the first step, and nothing after it."""
+    monkeypatch.setattr(shine.engine, "BUCKET_FUSED_DEVICES", frozenset({"cpu"}))
+    called = []
+    call = shine.engine._call_compiled
+    monkeypatch.setattr(shine.engine, "_call_compiled", lambda fn, *a, **k: called.append(fn.__name__) or call(fn, *a, **k))
+    dtypes = DTYPES[BUCKET_CASES[request.node.callspec.id]]
+    params0, grads = problem(dtypes, grad_scale=grad_scale)
+    params = fresh_params(params0)
+    opt = optimizer(params, **hp, fused=True)
+    lrs = schedule(hp["lr"], len(grads))
+    first = drive(opt, params, grads[:1], lrs[:1])
+    graphs = counters["stats"]["unique_graphs"]
+    buckets = {(opt._route(opt.param_groups[0], p), p.dtype) for p in params}  # (pipeline, dtype)
+    assert graphs == len(buckets), (graphs, buckets)
+    assert called == ["fused_bucket_step"] * len(buckets), called  # one call per bucket, no pre-pass call
+    rest = drive(opt, params, grads[1:], lrs[1:])
+    assert counters["stats"]["unique_graphs"] == graphs, "a step after the first compiled again"
+    actual = [a + b for a, b in zip(first, rest)]
+    assert_trajectories_close(actual, run_reference(step, hp, params0, grads), dtypes, what="bucket fused vs reference")
     assert_fp32_state(opt)
