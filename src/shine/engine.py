@@ -402,9 +402,13 @@ FUSED_MIN_TENSOR_NUMEL = 8192
 #: per tensor (:func:`fused_step`: dynamic shapes, one graph per pipeline serves every size).
 #: Per-tensor calls cost host time per tensor, which made the fused CUDA step host-bound on an
 #: H200 (GPT-2 small, AdamW: 12.1 ms of wall time for 1.2 ms of kernels); a bucket's graph costs
-#: one call, but compiles for longer (on the 2-core CPU, 5-21 s for a bucket of six tensors,
-#: AdamW to CAME) and again for another bucket layout. Empty until a GPU run has timed it
-#: (``benchmarks/step_profile.py --bucket-fused`` puts it beside the per-tensor calls).
+#: one call, but compiles for longer, and again for another bucket layout. Measured on the 2-core
+#: CPU (pair-ratio medians, one process): where host time bounds the step, the arena's tiny model
+#: (0.6M parameters in 40 tensors), one call per bucket took 0.59-0.74 of the time of per-tensor
+#: calls (AdamW, C-AdamW, CAME) and 0.47-0.66 of the multi-tensor path's; on GPT-2 small, which
+#: memory bandwidth bounds there, 1.03, after a first step of 51 s (per-tensor calls: 3.7 s).
+#: So not on the CPU; empty until a GPU run has timed it (``benchmarks/step_profile.py
+#: --bucket-fused`` puts it beside the per-tensor calls).
 BUCKET_FUSED_DEVICES: frozenset[str] = frozenset()
 
 
