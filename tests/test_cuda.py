@@ -57,11 +57,19 @@ def test_eager_paths_match_reference(optimizer, step, hp, grad_scale, path):
     assert_fp32_state(opt)
 
 
-@pytest.mark.parametrize("optimizer, step, hp, grad_scale", [c for c in CASES if c.id in FUSED_CASES],
-                         ids=[c.id for c in CASES if c.id in FUSED_CASES])
-def test_fused_matches_reference_and_never_recompiles(optimizer, step, hp, grad_scale):
+#: (case, one compiled call per bucket): every box per tensor; a few cases per bucket too.
+FUSED = ([(c, False) for c in CASES if c.id in FUSED_CASES]
+         + [(c, True) for c in CASES if c.id in ("adamw-cautious", "mars-adamw-cautious", "came-wd")])
+
+
+@pytest.mark.parametrize("case, bucket", FUSED, ids=[f"{c.id}{'-bucket' if b else ''}" for c, b in FUSED])
+def test_fused_matches_reference_and_never_recompiles(case, bucket, monkeypatch):
     """fused=True compiles Triton kernels that follow the reference while the lr changes every
-    step, and no step after the first compiles anything."""
+    step, and no step after the first compiles anything; per tensor, and with ``bucket`` as one
+    compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``)."""
+    optimizer, step, hp, grad_scale = case.values
+    if bucket:
+        monkeypatch.setattr(engine, "BUCKET_FUSED_DEVICES", frozenset({"cuda"}))
     torch._dynamo.reset()
     counters.clear()
     dtypes = DTYPES["mixed"]
@@ -74,25 +82,6 @@ def test_fused_matches_reference_and_never_recompiles(optimizer, step, hp, grad_
     expected = run_reference(step, hp, cpu_params0, cpu_grads)
     assert_trajectories_close(actual, expected, dtypes, what="cuda fused vs reference")
     assert_fp32_state(opt)
-
-
-@pytest.mark.parametrize("optimizer, step, hp, grad_scale",
-                         [c for c in CASES if c.id in ("adamw-cautious", "mars-adamw-cautious", "came-wd")],
-                         ids=["adamw-cautious", "mars-adamw-cautious", "came-wd"])
-def test_bucket_fused_matches_reference(optimizer, step, hp, grad_scale, monkeypatch):
-    """The fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``) follows
-    the reference on CUDA, with no compile after the first step."""
-    monkeypatch.setattr(engine, "BUCKET_FUSED_DEVICES", frozenset({"cuda"}))
-    torch._dynamo.reset()
-    counters.clear()
-    dtypes = DTYPES["mixed"]
-    params0, grads, cpu_params0, cpu_grads = cuda_problem(dtypes, grad_scale)
-    graphs = []
-    _, actual = run_on_cuda(optimizer, hp, params0, grads, fused=True,
-                            on_first_step=lambda: graphs.append(counters["stats"]["unique_graphs"]))
-    assert graphs[0] > 0 and counters["stats"]["unique_graphs"] == graphs[0]
-    assert_trajectories_close(actual, run_reference(step, hp, cpu_params0, cpu_grads), dtypes,
-                              what="cuda bucket fused vs reference")
 
 
 @pytest.mark.parametrize("name", ["c-mars-adamw", "came", "mars-came"])
