@@ -414,12 +414,12 @@ BUCKET_FUSED_DEVICES: frozenset[str] = frozenset()
 
 def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedBucket | None = None) -> None:
     """One compiled call per tensor, of :func:`fused_step`, traced with dynamic shapes, so one
-    graph per (pipeline, device, dtypes, rank) serves every tensor size; on
-    :data:`BUCKET_FUSED_DEVICES`, one call for the bucket. The float hyperparameters
-    (lr, betas, step, ...) enter as one float64 tensor, so a scheduler changing lr or the step
-    count never recompiles. Tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take the
-    multi-tensor path (the same math), and so never cost a graph of their own (sizes 0 and 1
-    would each be specialised). ``prepared``: :func:`prepare_bucket`'s result for the bucket."""
+    graph per (pipeline, device, dtypes, rank) serves every tensor size; tensors under
+    :data:`FUSED_MIN_TENSOR_NUMEL` elements take the multi-tensor path (the same math), and so
+    never cost a graph of their own (sizes 0 and 1 would each be specialised). On
+    :data:`BUCKET_FUSED_DEVICES`, one call for the whole bucket instead. The float
+    hyperparameters (lr, betas, step, ...) enter as one float64 tensor, so a scheduler changing lr
+    or the step count never recompiles. ``prepared``: :func:`prepare_bucket`'s result for the bucket."""
     if not _fusable(pipe, params[0].device):
         return _run_foreach(pipe, params, grads, states, hyper)
     if params[0].device.type in BUCKET_FUSED_DEVICES:
