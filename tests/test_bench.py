@@ -11,7 +11,7 @@ def test_bench_rows_and_json(tmp_path, capsys):
     """Every requested (optimizer, path) row is timed against fused AdamW in the same run, with
     state bytes from the optimizer (AdamW 8 per parameter, CAME far less) and consistent figures."""
     out = tmp_path / "speed.json"
-    argv = ["--scale", "tiny", "--only", "adamw", "came", "--paths", "foreach", "per_tensor",
+    argv = ["--device", "cpu", "--scale", "tiny", "--only", "adamw", "came", "--paths", "foreach", "per_tensor",
             "--no-extras", "--no-external", "--steps", "2", "--json", str(out)]
     assert bench.main(argv) == 0
     figures = json.loads(out.read_text())
@@ -26,6 +26,18 @@ def test_bench_rows_and_json(tmp_path, capsys):
         assert r["median_s"] > 0 and r["ns_per_param"] == pytest.approx(r["median_s"] * 1e9 / meta["params"])
         assert r["ratio_to_fused_adamw"] == pytest.approx(r["median_s"] / r["baseline_median_s"])
     assert "came" in capsys.readouterr().out
+
+
+def test_bench_device_defaults_to_cuda_when_present(monkeypatch):
+    """``--device auto`` (the default) times the GPU where there is one, else the CPU."""
+    seen = []
+    monkeypatch.setattr(bench, "make_params", lambda shapes, dtype, device: seen.append(device) or 1 / 0)
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU", raising=False)
+        with pytest.raises(ZeroDivisionError):
+            bench.main(["--scale", "tiny", "--json", ""])
+    assert [d.type for d in seen] == ["cpu", "cuda"]
 
 
 def test_bench_refuses_a_missing_or_unknown_device():

@@ -223,7 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-external", action="store_true", help="skip other libraries' optimizers")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the nonfinite='ignore', max_grad_norm and state_dtype=bf16 fused rows")
-    parser.add_argument("--device", default="cpu", help="where the parameters live: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto",
+                        help="where the parameters live: cpu, cuda, cuda:N, ..., or auto (cuda when present; default)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     parser.add_argument("--json", default="step_speed.json", help="where to write the figures ('' for none)")
 
@@ -231,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .registry import create_optimizer
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError:
