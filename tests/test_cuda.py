@@ -13,8 +13,8 @@ from torch._dynamo.utils import counters
 
 import shine
 from shine import bench, engine
-from rules.cases import CASES, run_reference
-from rules.support import DTYPES, assert_fp32_state, assert_trajectories_close, drive, problem, schedule
+from rules.cases import CASES, run_reference, run_shine
+from rules.support import DTYPES, assert_fp32_state, assert_trajectories_close, drive, problem
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
@@ -31,17 +31,10 @@ def cuda_problem(dtypes, grad_scale=1.0, seed=0):
     return [p.to(CUDA) for p in params0], [[g.to(CUDA) for g in step] for step in grads], params0, grads
 
 
-def run_on_cuda(optimizer, hp, params0, grads, on_first_step=None, **options):
-    """Like ``run_shine`` on CUDA tensors; ``on_first_step()`` runs after the first step. Returns
-    (optimizer, trajectories on the CPU)."""
-    params = [p.clone().requires_grad_(True) for p in params0]
-    opt = optimizer(params, **hp, **options)
-    lrs = schedule(hp["lr"], len(grads))
-    first = drive(opt, params, grads[:1], lrs[:1])
-    if on_first_step is not None:
-        on_first_step()
-    rest = drive(opt, params, grads[1:], lrs[1:])
-    return opt, [[t.cpu() for t in a + b] for a, b in zip(first, rest)]
+def run_on_cuda(optimizer, hp, params0, grads, **options):
+    """``run_shine`` on CUDA tensors; returns (optimizer, trajectories on the CPU)."""
+    opt, trajectories = run_shine(optimizer, hp, params0, grads, **options)
+    return opt, [[t.cpu() for t in trajectory] for trajectory in trajectories]
 
 
 @pytest.mark.parametrize("path", ["per_tensor", "foreach"])
@@ -76,7 +69,7 @@ def test_fused_matches_reference_and_never_recompiles(case, bucket, monkeypatch)
     params0, grads, cpu_params0, cpu_grads = cuda_problem(dtypes, grad_scale)
     graphs = []
     opt, actual = run_on_cuda(optimizer, hp, params0, grads, fused=True,
-                              on_first_step=lambda: graphs.append(counters["stats"]["unique_graphs"]))
+                              on_first_step=lambda opt: graphs.append(counters["stats"]["unique_graphs"]))
     assert graphs[0] > 0, "fused=True did not compile"
     assert counters["stats"]["unique_graphs"] == graphs[0], "a step after the first compiled again"
     expected = run_reference(step, hp, cpu_params0, cpu_grads)

@@ -51,12 +51,19 @@ CASES = [
 ]
 
 
-def run_shine(optimizer, hp, params0, grads, **options):
+def run_shine(optimizer, hp, params0, grads, on_first_step=None, **options):
     """Run ``optimizer(**hp, **options)`` (options: foreach, fused) over the decaying lr schedule;
-    returns (optimizer, trajectories)."""
+    ``on_first_step(optimizer)``, when given, runs between the first step and the others.
+    Returns (optimizer, trajectories)."""
     params = fresh_params(params0)
     opt = optimizer(params, **hp, **options)
-    return opt, drive(opt, params, grads, lrs=schedule(hp["lr"], len(grads)))
+    lrs = schedule(hp["lr"], len(grads))
+    if on_first_step is None:
+        return opt, drive(opt, params, grads, lrs=lrs)
+    first = drive(opt, params, grads[:1], lrs[:1])
+    on_first_step(opt)
+    rest = drive(opt, params, grads[1:], lrs[1:])
+    return opt, [a + b for a, b in zip(first, rest)]
 
 
 def run_reference(step, hp, params0, grads, **extra):

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 import shine
 
-from .support import DTYPES, assert_fp32_state, assert_trajectories_close, drive, fresh_params, problem, schedule
+from .support import DTYPES, assert_fp32_state, assert_trajectories_close, problem
 from .cases import CASES, run_reference, run_shine
 
 # Between them: the MARS correction, Adam (2-D and the 1-D route), caution, Newton-Schulz, maximize,
@@ -56,16 +56,19 @@ def test_bucket_fused_matches_reference_and_never_recompiles(optimizer, step, hp
     monkeypatch.setattr(shine.engine, "_call_compiled", lambda fn, *a, **k: called.append(fn.__name__) or call(fn, *a, **k))
     dtypes = DTYPES[BUCKET_CASES[request.node.callspec.id]]
     params0, grads = problem(dtypes, grad_scale=grad_scale)
-    params = fresh_params(params0)
-    opt = optimizer(params, **hp, fused=True)
-    lrs = schedule(hp["lr"], len(grads))
-    first = drive(opt, params, grads[:1], lrs[:1])
-    graphs = counters["stats"]["unique_graphs"]
-    buckets = {(opt._route(opt.param_groups[0], p), p.dtype) for p in params}  # (pipeline, dtype)
+    after_first = {}
+
+    def first_step(opt):
+        after_first["graphs"] = counters["stats"]["unique_graphs"]
+        after_first["called"] = list(called)
+        after_first["buckets"] = {(opt._route(opt.param_groups[0], p), p.dtype)  # (pipeline, dtype)
+                                  for group in opt.param_groups for p in group["params"]}
+
+    opt, actual = run_shine(optimizer, hp, params0, grads, on_first_step=first_step, fused=True)
+    graphs, buckets = after_first["graphs"], after_first["buckets"]
     assert graphs == len(buckets), (graphs, buckets)
-    assert called == ["fused_bucket_step"] * len(buckets), called  # one call per bucket, no pre-pass call
-    rest = drive(opt, params, grads[1:], lrs[1:])
+    # one call per bucket, no pre-pass call
+    assert after_first["called"] == ["fused_bucket_step"] * len(buckets), after_first["called"]
     assert counters["stats"]["unique_graphs"] == graphs, "a step after the first compiled again"
-    actual = [a + b for a, b in zip(first, rest)]
     assert_trajectories_close(actual, run_reference(step, hp, params0, grads), dtypes, what="bucket fused vs reference")
     assert_fp32_state(opt)
