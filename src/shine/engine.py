@@ -289,8 +289,8 @@ def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
 #: torch 2.11) the fused path's one compiled call per tensor made the step host-bound (AdamW
 #: 12.1 ms of wall time for 1.2 ms of kernels), and the multi-tensor path was the faster one for
 #: every rule: AdamW 3.25 against 5.20 times torch's fused AdamW, Lion 2.35 / 3.49, MARS-AdamW
-#: 4.04 / 7.31, C-AdamW 5.98 / 222 (the fused cautious step's kept-fraction reduction ran as one
-#: serial kernel per tensor), CAME 19.9 / 18.2 (within noise).
+#: 4.04 / 7.31, C-AdamW 5.98 / 222 (a pathological kernel in the fused cautious step, 8 GB/s,
+#: not yet examined), CAME 19.9 / 18.2 (within noise).
 AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cpu": 4_000_000}
 
 #: Devices on which ``fused=True`` measured slower than the multi-tensor path: the warning it gives there.
