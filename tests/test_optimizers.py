@@ -254,12 +254,12 @@ def test_scheduler_lr_zero_freezes_parameters(name, tiny_net):
 @pytest.mark.parametrize("name", NAMES)
 def test_tensor_lr_under_a_scheduler_matches_a_number(name):
     """``lr`` as a 0-d tensor (torch.optim accepts one; a scheduler fills it in place) steps exactly
-    as the same number does."""
+    as the same number does: the number is the tensor's float32 value (StepLR halves both exactly)."""
     results = []
     for tensor in (False, True):
         torch.manual_seed(0)
         model = TinyNet()
-        lr = LR[name.removeprefix("c-")]
+        lr = torch.tensor(LR[name.removeprefix("c-")]).item()
         opt = shine.create_optimizer(model, name, lr=torch.tensor(lr) if tensor else lr)
         schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         for t in range(3):

@@ -93,6 +93,8 @@ class TensorList:
         return self
     def addcmul_(self, a, b, *, value=1):
         torch._foreach_addcmul_(self.tensors, self._arg(a), self._arg(b), value=value); return self
+    def addcdiv_(self, a, b, *, value=1):
+        torch._foreach_addcdiv_(self.tensors, self._arg(a), self._arg(b), value=value); return self
     def lerp_(self, end, w): torch._foreach_lerp_(self.tensors, self._arg(end), self._arg(w)); return self
     def lerp(self, end, w): return TensorList(torch._foreach_lerp(self.tensors, self._arg(end), self._arg(w)))
     def sqrt(self): return TensorList(torch._foreach_sqrt(self.tensors))

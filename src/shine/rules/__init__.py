@@ -2,7 +2,8 @@
 
 Each function takes the gradient estimate ``x`` and the state tensors it owns
 (updated in place), plus hyperparameters as numbers or 0-d tensors, and returns
-the update direction ``u`` (the optimizer then does ``p -= lr * u``). Written
+the update direction ``u`` (the optimizer then does ``p -= lr * u``), or a
+:class:`Quotient` that stands for it until :func:`apply_update` adds it in one pass. Written
 with plain tensor methods, every function runs unchanged on a single tensor
 (reference path), on a :class:`shine.tensorlist.TensorList` (multi-tensor path)
 and under ``torch.compile`` (fused path). Nothing here allocates state or reads
@@ -14,7 +15,7 @@ allocation saved on the eager paths); ``x`` and the gradient never are.
                               came.py newton_schulz.py
 """
 from .adamw import adamw, adamw_bias_corrections
-from .apply import apply_update
+from .apply import Quotient, apply_update, formed
 from .came import came_factored, came_row_statistics, came_unfactored, factored_shapes
 from .caution import caution, kept_fraction
 from .lion import lion, next_momentum
@@ -22,7 +23,7 @@ from .mars import mars_clip, mars_correction, sign_momentum, orthogonal_momentum
 from .newton_schulz import newton_schulz5
 
 __all__ = [
-    "adamw", "adamw_bias_corrections", "apply_update", "came_factored", "came_row_statistics", "came_unfactored", "factored_shapes", "caution",
+    "adamw", "adamw_bias_corrections", "apply_update", "formed", "Quotient", "came_factored", "came_row_statistics", "came_unfactored", "factored_shapes", "caution",
     "kept_fraction", "next_momentum",
     "lion", "mars_clip", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
 ]

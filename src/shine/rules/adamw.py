@@ -1,4 +1,5 @@
 """Adam's preconditioner (the "AdamW" of Loshchilov & Hutter, decay applied separately)."""
+from .apply import Quotient
 from .ema import ema_, ema_square_
 
 
@@ -15,11 +16,13 @@ def adamw_bias_corrections(hyper):
 def adamw(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt):
     """Update the first and second moments with ``x``; return ``m_hat / (sqrt(v_hat) + eps)``.
 
-    The bias corrections come from :func:`adamw_bias_corrections`. The result is written into
-    the one temporary (the denominator, inverted in place), so the eager paths allocate one
-    tensor per step where ``exp_avg / bias_correction1 / denominator`` took two more.
+    The bias corrections come from :func:`adamw_bias_corrections`. The direction is returned
+    as a :class:`~shine.rules.apply.Quotient`, ``m / (sqrt(v) + eps * c2) * (c2 / c1)``, the
+    same number with the corrections moved out of the element-wise math (as torch's AdamW
+    does): on the eager paths its one full-size temporary is the denominator, and the step
+    adds the quotient to the parameter in one pass (:func:`~shine.rules.apply_update`).
     """
     ema_(exp_avg, x, 1 - beta1)
     ema_square_(exp_avg_sq, x, 1 - beta2)
-    denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    return denominator.reciprocal_().mul_(exp_avg).div_(bias_correction1)
+    denominator = exp_avg_sq.sqrt().add_(eps * bias_correction2_sqrt)
+    return Quotient(exp_avg, denominator, bias_correction2_sqrt / bias_correction1)

@@ -1,5 +1,6 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
 from ..tensorlist import multi_tensor_preferred, size_of
+from .apply import Quotient, formed
 from .hoist import hoist
 
 
@@ -12,6 +13,7 @@ def caution(u, g, kept=None):
     already computed (:func:`kept_fraction` of a tensor with the sign of ``u``).
     Returns a new tensor: the caller's momentum state is never masked.
     """
+    u = formed(u)
     mask = _agrees(u, g)
     scale = _floored_mean(mask) if kept is None else kept
     return mask.mul_(u).div_(scale)
@@ -19,7 +21,10 @@ def caution(u, g, kept=None):
 
 def kept_fraction(direction, g):
     """``max(mean(direction * g > 0), 1e-3)``: what :func:`caution` divides by, for any
-    ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`)."""
+    ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`); a
+    :class:`~shine.rules.apply.Quotient` has its numerator's sign, and is left unformed."""
+    if isinstance(direction, Quotient):
+        direction = direction.numerator
     return _floored_mean(_agrees(direction, g))
 
 
