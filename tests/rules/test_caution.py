@@ -35,7 +35,11 @@ def test_kept_fraction_from_next_momentum_matches_the_direction(rule):
     assert torch.equal(before, rules.kept_fraction(u, g))
     assert torch.equal(before, rules.kept_fraction(rules.formed(DIRECTIONS[rule](x, m.clone())), g))
     # a quotient is formed once: each caution gets its own
-    assert torch.equal(rules.caution(u, g, before), rules.caution(DIRECTIONS[rule](x, m.clone()), g))
+    cautious = [rules.formed(rules.caution(u, g, before)), rules.formed(rules.caution(DIRECTIONS[rule](x, m.clone()), g))]
+    assert torch.equal(*cautious)
+    expected = rules.formed(DIRECTIONS[rule](x, m.clone()))
+    mask = expected * g > 0
+    torch.testing.assert_close(cautious[0], expected * mask / before, rtol=1e-6, atol=0)
     assert 0.2 < before.item() < 0.8  # a real mix of kept and dropped coordinates
 
 

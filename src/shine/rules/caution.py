@@ -1,6 +1,6 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
 from ..tensorlist import multi_tensor_preferred, size_of
-from .apply import Quotient, formed
+from .apply import Quotient
 from .hoist import hoist
 
 
@@ -11,21 +11,27 @@ def caution(u, g, kept=None):
     the official code and timm. Other libraries divide by ``numel/(kept+1)``,
     which differs on small tensors. ``kept`` is that floored mean when it was
     already computed (:func:`kept_fraction` of a tensor with the sign of ``u``).
-    Returns a new tensor: the caller's momentum state is never masked.
+    Returns a new tensor, or for a :class:`~shine.rules.apply.Quotient` a quotient still
+    unformed (the masked numerator over the denominator times the kept fraction: two passes
+    fewer than forming it first); the caller's momentum state is never masked.
     """
-    u = formed(u)
-    mask = _agrees(u, g)
-    scale = _floored_mean(mask) if kept is None else kept
-    return mask.mul_(u).div_(scale)
+    mask = _agrees(_sign_of(u), g)
+    kept = _floored_mean(mask) if kept is None else kept
+    if isinstance(u, Quotient):
+        return Quotient(mask.mul_(u.numerator), u.denominator.mul_(kept), u.scale)
+    return mask.mul_(u).div_(kept)
 
 
 def kept_fraction(direction, g):
     """``max(mean(direction * g > 0), 1e-3)``: what :func:`caution` divides by, for any
-    ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`); a
-    :class:`~shine.rules.apply.Quotient` has its numerator's sign, and is left unformed."""
-    if isinstance(direction, Quotient):
-        direction = direction.numerator
-    return _floored_mean(_agrees(direction, g))
+    ``direction`` with the sign of the update (see :func:`shine.rules.next_momentum`)."""
+    return _floored_mean(_agrees(_sign_of(direction), g))
+
+
+def _sign_of(u):
+    """A tensor with the sign of the direction ``u``: a :class:`~shine.rules.apply.Quotient`'s
+    numerator (its denominator and scale are positive), left unformed."""
+    return u.numerator if isinstance(u, Quotient) else u
 
 
 def _agrees(u, g):
