@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..distributed import placed_like
+from .apply import Quotient
 from .ema import ema_
 from .hoist import hoist
 from ..tensorlist import TensorList, multi_tensor_preferred, per_tensor, size_of
@@ -79,18 +80,14 @@ def _column_mean(t, reads=1):
     return ((blocks + t[..., whole:, :].sum(-2)) / n).to(t.dtype)
 
 
-def _row_rsqrt(row):
-    """``rsqrt(row / mean(row))``: the row half of Adafactor's rank-1 inverse root (``rsqrt(col)`` the other).
+def _relative(row):
+    """``row / mean(row)``: Adafactor's normalised row statistic (its rank-1 root is this row's
+    root times the column's).
 
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    return hoist((row / _as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)).rsqrt())
-
-
-def _factored_rsqrt(row, col):
-    """``rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :]``: Adafactor's rank-1 inverse root."""
-    return _row_rsqrt(row).unsqueeze(-1) * hoist(col.rsqrt()).unsqueeze(-2)
+    return row / _as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)
 
 
 @per_tensor
@@ -114,15 +111,16 @@ def _mean_of_all(t):
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
-    """The row means of ``x^2 + eps1`` in the factored view, which :func:`came_factored` folds
+    """The row means of ``x^2``, plus ``eps1``, in the factored view, which :func:`came_factored` folds
     into its row state first: read-only, so the fused path computes them in its pre-pass (where
     they also serve as the non-finite check) and hands them to the step as ``stats``."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
-    return _mean(x * x + eps1, -1)
+    return _mean(x * x, -1) + eps1
 
 
 def came_factored(x, *state, **hyper):
-    """One CAME step for a matrix (or a stack of them); returns the update direction.
+    """One CAME step for a matrix (or a stack of them); returns the update direction, the
+    momentum over the confidence's rank-1 root (a :class:`~shine.rules.apply.Quotient`).
     Arguments: those of :func:`_came_factored`.
 
     On TensorLists (the multi-tensor path) where launches cost host time (GPUs), the element-wise
@@ -145,24 +143,28 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
     # new one costs an allocation, and on the compiled path in-place ops on them change nothing.
+    # The epsilons are added to the means, not to every element (the means of x^2 + eps1 and of
+    # res + eps2 up to rounding), and the clip scales the column factor, not u: three passes
+    # fewer over the matrix on the eager paths.
     xx = x * x
-    sq = xx + eps1
-    ema_(exp_avg_sq_row, _mean(sq, -1) if stats is None else stats, 1 - beta2)
-    row = _row_rsqrt(exp_avg_sq_row)
+    squares_col = _column_mean(xx) + eps1
+    ema_(exp_avg_sq_row, _mean(xx, -1) + eps1 if stats is None else stats, 1 - beta2)
+    row = hoist(_relative(exp_avg_sq_row).rsqrt())
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
     weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)))
-    ema_(exp_avg_sq_col, _column_mean(sq), 1 - beta2)
+    ema_(exp_avg_sq_col, squares_col, 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
     rms = _mean_of_all(col * col * weighted).sqrt()
+    col = hoist(col / (rms / clip_threshold).clamp_min(1.0))
     # placed like m (identity unless DTensor) before the in-place product with x
     u = _placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
-    u.div_(hoist((rms / clip_threshold).clamp_min(1.0)))
     ema_(m, u, 1 - beta1)
-    res = u.sub_(m).pow_(2).add_(eps2)
-    ema_(exp_avg_res_row, _mean(res, -1), 1 - beta3)
-    ema_(exp_avg_res_col, _column_mean(res, reads=2), 1 - beta3)
-    return _view_as(_placed_like(_factored_rsqrt(exp_avg_res_row, exp_avg_res_col), m).mul_(m), exp_avg)
+    res = u.sub_(m).pow_(2)
+    ema_(exp_avg_res_row, _mean(res, -1) + eps2, 1 - beta3)
+    ema_(exp_avg_res_col, _column_mean(res, reads=2) + eps2, 1 - beta3)
+    root = hoist(_relative(exp_avg_res_row).sqrt()).unsqueeze(-1) * hoist(exp_avg_res_col.sqrt()).unsqueeze(-2)
+    return Quotient(exp_avg, _view_as(_placed_like(root, m), exp_avg), 1.0)
 
 
 def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):
@@ -178,5 +180,10 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     return exp_avg
 
 
+def _came_factored_by_matrix(x, *state, **hyper):
+    """:func:`_came_factored` on TensorLists, matrix by matrix; its quotients joined into one."""
+    quotients = [_came_factored(*tensors, **hyper) for tensors in zip(x, *state)]
+    return Quotient(TensorList(q.numerator for q in quotients), TensorList(q.denominator for q in quotients), 1.0)
+
+
 _placed_like = per_tensor(placed_like)
-_came_factored_by_matrix = per_tensor(_came_factored)
