@@ -6,7 +6,7 @@ import torch
 
 from shine import rules
 from shine import tensorlist
-from shine.tensorlist import TensorList, multi_tensor_preferred, per_tensor, size_of
+from shine.tensorlist import TensorList, as_dtype_of, multi_tensor_preferred, per_tensor, size_of
 
 SHAPES = [(), (5,), (3, 4), (2, 3, 2)]
 
@@ -36,6 +36,7 @@ def test_in_place_ops_update_the_listed_tensors():
     ops = {
         "lerp_": lambda x, y: x.lerp_(y, 0.3),
         "add_ alpha": lambda x, y: x.add_(y, alpha=-0.37),  # apply_update's one pass
+        "addcdiv_": lambda x, y: x.addcdiv_(y, y.abs() + 1, value=-0.37),  # ... of a Quotient
         "sign_": lambda x, y: x.sign_(),
         "gt_": lambda x, y: x.gt_(0),  # caution's mask, written into its temporary
         "pow_": lambda x, y: x.pow_(2),
@@ -59,6 +60,15 @@ def test_rules_run_unchanged_on_tensor_lists():
     got = rules.mars_correction(TensorList(g), TensorList(prev), gamma=0.5, beta1=0.9)
     for out, x, y in zip(got, g, prev):
         torch.testing.assert_close(out, rules.mars_correction(x, y, gamma=0.5, beta1=0.9))
+
+
+def test_as_dtype_of_casts_where_needed_and_copies_nothing_otherwise():
+    fp32, bf16 = TensorList(_lists(0)), TensorList(t.bfloat16() for t in _lists(1))
+    assert as_dtype_of(fp32, TensorList(_lists(1))) is fp32
+    cast = as_dtype_of(bf16, fp32)
+    assert [t.dtype for t in cast] == [torch.float32] * len(fp32)
+    assert all(torch.equal(a, b.float()) for a, b in zip(cast, bf16))
+    assert as_dtype_of(fp32.tensors[0], bf16.tensors[0]).dtype == torch.bfloat16
 
 
 def test_per_tensor_maps_over_lists():

@@ -154,6 +154,16 @@ def _map(fn: Callable, *args: _Operand):
     return TensorList(out)
 
 
+def as_dtype_of(t: Any, like: Any) -> Any:
+    """``t`` (a tensor or TensorList) in the dtype of ``like`` (one of the same kind), element by
+    element; itself where the dtypes already match (no copy)."""
+    if not isinstance(t, TensorList):
+        return t.to(like.dtype)
+    if all(a.dtype == b.dtype for a, b in zip(t, like)):
+        return t
+    return TensorList(a.to(b.dtype) for a, b in zip(t, like))
+
+
 def per_tensor(fn: Callable) -> Callable:
     """Let a function written for one tensor accept TensorLists (it is then mapped).
 

@@ -12,7 +12,7 @@ from ..distributed import placed_like
 from .apply import Quotient
 from .ema import ema_
 from .hoist import hoist
-from ..tensorlist import TensorList, multi_tensor_preferred, per_tensor, size_of
+from ..tensorlist import TensorList, as_dtype_of, multi_tensor_preferred, per_tensor, size_of
 
 
 def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -87,7 +87,7 @@ def _relative(row):
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    return row / _as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)
+    return row / as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)
 
 
 @per_tensor
@@ -99,11 +99,6 @@ def _factored_view(x, exp_avg_sq_row, exp_avg_sq_col):
 @per_tensor
 def _view_as(t, like):
     return t.view(like.shape)
-
-
-@per_tensor
-def _as_dtype_of(t, like):
-    return t.to(like.dtype)
 
 
 def _mean_of_all(t):

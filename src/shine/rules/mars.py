@@ -4,11 +4,11 @@ The correction turns the gradient into ``c``; the preconditioners that follow it
 are Adam's (:func:`shine.rules.adamw`), the sign of the momentum (MARS-Lion) and
 the orthogonalised momentum (MARS-Shampoo).
 """
-from .ema import ema_
+from .ema import ema, ema_
 from .hoist import hoist
 from .newton_schulz import newton_schulz5
 from ..distributed import whole_tensor
-from ..tensorlist import per_tensor
+from ..tensorlist import as_dtype_of, per_tensor
 
 
 def mars_correction(g, prev_grad, *, gamma, beta1, clip=None):
@@ -29,7 +29,10 @@ def mars_clip(g, prev_grad, *, gamma, beta1):
 
 
 def _uncorrected(g, prev_grad, gamma, beta1):
-    return (g - prev_grad).mul_(gamma * beta1 / (1 - beta1)).add_(g)
+    # g + k (g - prev) is the moving average from prev towards g with weight 1 + k (past g):
+    # one pass on the eager paths (lerp) where (g - prev) * k + g took three; bf16 prev_grad
+    # (bf16 state) is read in g's dtype, as the subtraction had promoted it
+    return ema(as_dtype_of(prev_grad, g), g, 1 + gamma * beta1 / (1 - beta1))
 
 
 def _clip_of(c):
