@@ -1,0 +1,41 @@
+"""benchmarks/passes.py: operations and bytes of an eager step, counted with a dispatch mode."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from shine import engine, tensorlist
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "passes.py"
+
+
+@pytest.fixture(scope="module")
+def passes():
+    spec = importlib.util.spec_from_file_location("passes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_traffic_counts_reads_writes_and_in_place_updates(passes):
+    x, y, z = (torch.ones(1000) for _ in range(3))
+    with passes.Traffic() as traffic:
+        x.add_(y)  # reads x and y, writes x (returned: counted once)
+        torch._foreach_lerp_([x, y], [y, z], 0.5)  # returns nothing; updates x and y
+        x.view(10, 100)  # a view moves nothing
+    assert traffic.ops == 2
+    assert traffic.bytes == 4000 * (3 + 6)
+
+
+def test_multi_tensor_adamw_moves_less_than_torchs(passes, capsys, monkeypatch):
+    """In the GPU form, shine's multi-tensor AdamW dispatches 7 operations (its direction a
+    quotient added in one ``addcdiv_``) and touches fewer bytes than torch's foreach AdamW."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_DEVICES", tensorlist.PER_TENSOR_DEVICES)  # main() changes them
+    monkeypatch.setattr(engine, "FOREACH_GROUP_NUMEL", engine.FOREACH_GROUP_NUMEL)
+    passes.main(["--form", "gpu", "--only", "adamw", "came"])
+    rows = {line[:28].strip(): line[28:].split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert int(rows["adamw"][0]) == 7
+    assert float(rows["adamw"][1]) < float(rows["torch AdamW(foreach=True)"][1])
+    assert set(rows) == {"torch AdamW(foreach=True)", "torch AdamW(fused=True)", "adamw", "came"}
