@@ -162,12 +162,6 @@ def grad_norm(grads: list[Tensor], norm: Callable[[list[Tensor]], float]) -> flo
     return math.sqrt(total)
 
 
-def _elementwise(pipe: Any) -> bool:
-    """Whether a pipeline is purely element-wise (no whole-tensor quantity anywhere in it)."""
-    from . import rules  # late: the rules import this module
-    return pipe.precondition in (rules.adamw, rules.lion) and not pipe.cautious and not pipe.correction
-
-
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
@@ -190,7 +184,7 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
     same = all(is_dtensor(t) and t.placements == placements
                for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
                                            and v.ndim)))
-    if same and _elementwise(pipe):
+    if same and pipe.elementwise:
         return (path, [_local(p) for p in params], [_local(g) for g in grads],
                 [{k: _local(v) for k, v in s.items()} for s in states])
     if path == "fused":

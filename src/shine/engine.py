@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import rules, tensorlist
 from .rules.hoist import hoist
+from .distributed import is_dtensor
 from .tensorlist import TensorList, per_tensor
 from .validation import warn_once
 
@@ -70,6 +71,13 @@ class Pipeline:
     scalars: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     direction_sign: Callable | None = None
     statistics: Callable | None = None
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether each element's step reads only that element of every tensor (AdamW, Lion, without
+        caution or the MARS correction, whose means and norms span the tensor): the step of a slice
+        of a tensor, or of a shard, is then that slice of the whole tensor's step."""
+        return self.precondition in _ELEMENTWISE and not self.cautious and not self.correction
 
     @property
     def prepass(self) -> bool:
@@ -326,9 +334,42 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
 
 
 def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
+    if pipe.elementwise and params:
+        params, grads, states = _in_slices(pipe, params, grads, states, FOREACH_GROUP_NUMEL.get(params[0].device.type))
     for start, stop in _foreach_groups(pipe, params):
         state = {name: TensorList(s[name] for s in states[start:stop]) for name in state_names(pipe)}
         pipeline_step(pipe, TensorList(params[start:stop]), TensorList(grads[start:stop]), state, hyper)
+
+
+def _in_slices(pipe: Pipeline, params, grads, states, limit: int | None):
+    """The bucket with each tensor of more than ``limit`` elements (``None``: none) cut into
+    consecutive 1-D slices of at most ``limit``, parameter, gradient and state alike; for
+    :attr:`Pipeline.elementwise` pipelines, whose step of a slice is that slice of the step.
+
+    The multi-tensor path then steps a large tensor group by group (:data:`FOREACH_GROUP_NUMEL`)
+    like the small ones: each of the rule's passes over a slice finds it in cache, and a slice's
+    temporaries are small blocks the allocator reuses, where a whole tensor's are fresh pages
+    from the system every step. Measured on the 2-core CPU, GPT-2 small, AdamW on the
+    multi-tensor path: 2.2-2.3 times torch's fused AdamW in slices of 2^18 or 2^20 elements,
+    against 5.2-6.0 whole (one process). Tensors that are not contiguous, and DTensors, stay whole.
+    """
+    if limit is None or all(p.numel() <= limit for p in params):
+        return params, grads, states
+    names = state_names(pipe)
+    out: tuple[list, list, list] = ([], [], [])
+    for p, g, s in zip(params, grads, states):
+        tensors = [p.detach(), g, *(s[n] for n in names)]
+        if p.numel() <= limit or is_dtensor(p) or not all(t.is_contiguous() for t in tensors):
+            for seq, item in zip(out, (p, g, s)):
+                seq.append(item)
+            continue
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, p.numel(), limit):
+            piece = [t[start:start + limit] for t in flat]
+            out[0].append(piece[0])
+            out[1].append(piece[1])
+            out[2].append(dict(zip(names, piece[2:])))
+    return out
 
 
 #: On these devices the multi-tensor path steps a bucket of a shape-free rule in groups of
@@ -385,6 +426,8 @@ def state_names(pipe: Pipeline) -> tuple[str, ...]:
 #: path hands the compiler 1-D views and one graph serves every shape. The others
 #: (factored CAME, Newton-Schulz) read the shape and get one graph per rank.
 _SHAPE_FREE = (rules.adamw, rules.lion, rules.sign_momentum, rules.came_unfactored)
+#: Preconditioners that are element-wise with no whole-tensor quantity (:attr:`Pipeline.elementwise`).
+_ELEMENTWISE = (rules.adamw, rules.lion)
 _BROKEN: set[Pipeline] = set()
 
 #: In a fused bucket, tensors of fewer elements than this take the multi-tensor path instead.
