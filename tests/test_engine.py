@@ -63,11 +63,13 @@ def test_grouped_step_gives_the_whole_bucket_bits(name, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["adamw", "lion", "c-adamw"])
-def test_elementwise_steps_cut_large_tensors_into_slices(name, monkeypatch):
+def test_elementwise_steps_cut_large_tensors_into_slices(name, dtype, monkeypatch):
     """AdamW and Lion (element-wise) step a tensor of more than the group limit in consecutive 1-D
-    slices of at most that many elements, with the whole step's bits; a non-contiguous tensor
-    stays whole, and a rule with a whole-tensor quantity (caution's mean) never gets slices."""
+    slices of at most that many elements, with the whole step's bits (bf16 parameters too, through
+    their fp32 copies); a non-contiguous tensor stays whole, and a rule with a whole-tensor
+    quantity (caution's mean) never gets slices."""
     seen = []
     step = engine.pipeline_step
     monkeypatch.setattr(engine, "pipeline_step",
@@ -76,13 +78,13 @@ def test_elementwise_steps_cut_large_tensors_into_slices(name, monkeypatch):
     for limit in ({}, {"cpu": 50}):
         monkeypatch.setattr(engine, "FOREACH_GROUP_NUMEL", limit)
         gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(120,), (9, 9), (7,)]]
-        params.append(torch.nn.Parameter(torch.randn(10, 8, generator=gen).t()))  # not contiguous
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in [(120,), (9, 9), (7,)]]
+        params.append(torch.nn.Parameter(torch.randn(10, 8, generator=gen).to(dtype).t()))  # not contiguous
         opt = shine.create_optimizer(params, name, lr=1e-2, weight_decay=0.1, fused=False)
         seen.clear()
         for _ in range(2):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             opt.step()
         results.append([p.detach().clone() for p in params])
     expected = [(50,), (50,), (20,), (50,), (31,), (7,), (8, 10)] if name != "c-adamw" else [(120,), (9, 9), (7,), (8, 10)]
