@@ -1,22 +1,8 @@
 """benchmarks/passes.py: operations and bytes of an eager step, counted with a dispatch mode."""
 
-import importlib.util
-from pathlib import Path
-
-import pytest
 import torch
 
 from shine import engine, tensorlist
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "passes.py"
-
-
-@pytest.fixture(scope="module")
-def passes():
-    spec = importlib.util.spec_from_file_location("passes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_traffic_counts_reads_writes_and_in_place_updates(passes):

@@ -1,20 +1,8 @@
 """benchmarks/side_by_side.py: shine next to the other implementations installed here."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "side_by_side.py"
-
-
-@pytest.fixture(scope="module")
-def side_by_side():
-    spec = importlib.util.spec_from_file_location("side_by_side", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_came_rows_show_the_same_algorithm(side_by_side, capsys):
