@@ -64,13 +64,13 @@ def worker(rank, world, port):
         st = [torch.zeros_like(p), reduced_zeros(p, view, -1, torch.float32), reduced_zeros(p, view, -2, torch.float32),
               reduced_zeros(p, view, -1, torch.float32), reduced_zeros(p, view, -2, torch.float32)]
         kw = dict(beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0)
-        dt = _time(lambda: rules.came_factored(g, *st, **kw))
+        dt = _time(lambda: rules.formed(rules.came_factored(g, *st, **kw)))
         whole = [t.full_tensor() for t in st]
 
         def gathered():  # what giving each rank whole tensors costs: gather grad + momentum, step, keep shard
             x = g.full_tensor()
             m = st[0].full_tensor()
-            u = rules.came_factored(x, m, *whole[1:], **kw)
+            u = rules.formed(rules.came_factored(x, m, *whole[1:], **kw))
             return distribute_tensor(u, mesh, [Shard(0)], src_data_rank=None)
         ga = _time(gathered)
         say(f"{'':38s}{str(shape):13s}{dt:10.1f}{ga:11.1f}")
@@ -90,7 +90,7 @@ def worker(rank, world, port):
     loc = lambda ts: TensorList(t.to_local() for t in ts)
 
     def step(P, G, M, V):
-        u = rules.adamw(G, M, V, beta1=0.9, beta2=0.999, eps=1e-8, step=1.0)
+        u = rules.adamw(G, M, V, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=0.1, bias_correction2_sqrt=0.0316)
         rules.apply_update(P, u, lr=1e-3, decay=1.0)
     dt = _time(lambda: step(TensorList(ps), TensorList(gs), TensorList(ms), TensorList(vs)))
     lo = _time(lambda: step(loc(ps), loc(gs), loc(ms), loc(vs)))
