@@ -1,4 +1,5 @@
-"""How many operations an eager optimizer step dispatches, and how many bytes they touch.
+"""How many operations an eager optimizer step dispatches, how many bytes they touch, and how
+many kernel launches they would make on a GPU.
 
 On a GPU the multi-tensor path (``fused=None`` there) is bound by its kernels' memory traffic
 and by the host time of launching them; both are counted here, on any machine, with a torch
@@ -27,11 +28,16 @@ from shine import bench, create_optimizer, engine, list_optimizers, tensorlist  
 
 
 class Traffic(TorchDispatchMode):
-    """Counts the data-moving operations dispatched under it and the bytes they touch."""
+    """Counts the data-moving operations dispatched under it, the bytes they touch, and the kernel
+    launches they would make on a GPU (``launches``): one for a foreach operation whose lists match
+    tensor by tensor in shape, one per tensor where they do not (torch's per-tensor fallback, as for
+    a list of 0-d scale tensors or a broadcast), one for any other operation; a foreach launch
+    covers a bounded number of tensors and blocks, so very long lists and large tensors take a few
+    more, not counted here."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops, self.bytes = 0, 0
+        self.ops, self.bytes, self.launches = 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -47,18 +53,28 @@ class Traffic(TorchDispatchMode):
         touched = sum(t.numel() * t.element_size() for t in reads + written)
         if any(t.numel() > 1 for t in reads + written):
             self.ops += 1
+            self.launches += _launches(func, args)
         self.bytes += touched
         return out
 
 
-def count(build, params) -> tuple[int, float]:
-    """(operations, words per parameter) of the third step of ``build()`` on ``params``."""
+def _launches(func, args) -> int:
+    """GPU kernel launches of one operation (see :class:`Traffic`)."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not func._schema.name.startswith("aten::_foreach_") or not lists:
+        return 1
+    shapes = [t.shape for t in lists[0]]
+    return 1 if all([t.shape for t in other] == shapes for other in lists[1:]) else len(shapes)
+
+
+def count(build, params) -> tuple[int, int, float]:
+    """(operations, GPU launches, words per parameter) of the third step of ``build()`` on ``params``."""
     opt = build()
     for _ in range(2):
         opt.step()
     with Traffic() as traffic:
         opt.step()
-    return traffic.ops, traffic.bytes / 4 / sum(p.numel() for p in params)
+    return traffic.ops, traffic.launches, traffic.bytes / 4 / sum(p.numel() for p in params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = (lambda n: lambda: create_optimizer(params, n, fused=False, nonfinite=args.nonfinite))(name)
     print(f"{len(params)} tensors, {sum(p.numel() for p in params):,} parameters, {args.form} form, "
           f"multi-tensor path, nonfinite={args.nonfinite}")
-    print(f"{'optimizer':28s} {'operations':>10s} {'words/param':>12s}")
+    print(f"{'optimizer':28s} {'operations':>10s} {'launches':>9s} {'words/param':>12s}")
     for name, build in rows.items():
-        ops, words = count(build, params)
-        print(f"{name:28s} {ops:10d} {words:12.1f}")
+        ops, launches, words = count(build, params)
+        print(f"{name:28s} {ops:10d} {launches:9d} {words:12.1f}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ def test_traffic_counts_reads_writes_and_in_place_updates(passes):
         x.add_(y)  # reads x and y, writes x (returned: counted once)
         torch._foreach_lerp_([x, y], [y, z], 0.5)  # returns nothing; updates x and y
         x.view(10, 100)  # a view moves nothing
-    assert traffic.ops == 2
-    assert traffic.bytes == 4000 * (3 + 6)
+        torch._foreach_mul_([x, y], [torch.tensor(2.0), torch.tensor(3.0)])  # 0-d scales: a launch per tensor
+    assert traffic.ops == 3
+    assert traffic.launches == 1 + 1 + 2
+    assert traffic.bytes == 4000 * (3 + 6 + 4) + 4 * 2
 
 
 def test_multi_tensor_adamw_moves_less_than_torchs(passes, capsys, monkeypatch):
@@ -22,6 +24,6 @@ def test_multi_tensor_adamw_moves_less_than_torchs(passes, capsys, monkeypatch):
     monkeypatch.setattr(engine, "FOREACH_GROUP_NUMEL", engine.FOREACH_GROUP_NUMEL)
     passes.main(["--form", "gpu", "--only", "adamw", "came"])
     rows = {line[:28].strip(): line[28:].split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert int(rows["adamw"][0]) == 7
-    assert float(rows["adamw"][1]) < float(rows["torch AdamW(foreach=True)"][1])
+    assert rows["adamw"][:2] == ["7", "7"]  # operations, GPU launches
+    assert float(rows["adamw"][2]) < float(rows["torch AdamW(foreach=True)"][2])
     assert set(rows) == {"torch AdamW(foreach=True)", "torch AdamW(fused=True)", "adamw", "came"}
