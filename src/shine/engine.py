@@ -361,15 +361,14 @@ def _in_slices(pipe: Pipeline, params, grads, states, limit: int | None):
     for p, g, s in zip(params, grads, states):
         tensors = [p.detach(), g, *(s[n] for n in names)]
         if p.numel() <= limit or is_dtensor(p) or not all(t.is_contiguous() for t in tensors):
-            for seq, item in zip(out, (p, g, s)):
+            pieces = [(p, g, s)]
+        else:
+            flat = [t.view(-1) for t in tensors]
+            cuts = ([t[start:start + limit] for t in flat] for start in range(0, p.numel(), limit))
+            pieces = [(cut[0], cut[1], dict(zip(names, cut[2:]))) for cut in cuts]
+        for piece in pieces:
+            for seq, item in zip(out, piece):
                 seq.append(item)
-            continue
-        flat = [t.view(-1) for t in tensors]
-        for start in range(0, p.numel(), limit):
-            piece = [t[start:start + limit] for t in flat]
-            out[0].append(piece[0])
-            out[1].append(piece[1])
-            out[2].append(dict(zip(names, piece[2:])))
     return out
 
 
