@@ -110,7 +110,11 @@ def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **
     into its row state first: read-only, so the fused path computes them in its pre-pass (where
     they also serve as the non-finite check) and hands them to the step as ``stats``."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
-    return _mean(x * x, -1) + eps1
+    return _row_statistics(x * x, eps1)
+
+
+def _row_statistics(squares, eps1):
+    return _mean(squares, -1) + eps1
 
 
 def came_factored(x, *state, **hyper):
@@ -143,7 +147,7 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     # fewer over the matrix on the eager paths.
     xx = x * x
     squares_col = _column_mean(xx) + eps1
-    ema_(exp_avg_sq_row, _mean(xx, -1) + eps1 if stats is None else stats, 1 - beta2)
+    ema_(exp_avg_sq_row, _row_statistics(xx, eps1) if stats is None else stats, 1 - beta2)
     row = hoist(_relative(exp_avg_sq_row).rsqrt())
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
