@@ -34,7 +34,7 @@ from torch import Tensor
 from . import rules, tensorlist
 from .distributed import is_dtensor
 from .rules.hoist import hoist
-from .tensorlist import TensorList, per_tensor
+from .tensorlist import ROWWISE_MIN_NUMEL, TensorList, per_tensor, sum_of_squares
 from .validation import warn_once
 
 PATHS = ("per_tensor", "foreach", "fused")
@@ -844,16 +844,14 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     tensor's sum of squares computed in ``dtype`` (float64 where float32 squares would overflow)
     and the sums combined in float64.
 
-    On CPU a large tensor is reduced row by row (``vector_norm`` over its last dims, then the
-    rows' squares summed in float64): as fast as a plain sum there, and accurate. On a random
-    50257x768 matrix the whole-tensor float32 norm (what ``_foreach_norm`` and ``clip_grad_norm_``
-    compute on CPU) is off by 2.7e-3 relative, the square root of ``dot(g, g)`` by 3.5e-4; by rows,
-    1e-10. Small tensors (under 64K elements) share one multi-tensor norm, accurate in float32
-    there (1.1e-6 relative at 65535 elements): their per-call cost, not their bytes, is what
-    counts (98 of GPT-2 small's 148 tensors). Not BLAS ``dot``, as fast but dependent on the
-    data's memory alignment (two values over 16 offsets of one vector): the clip then differed
-    in its last bits between processes. Every reduction here sums by index, so the norm is the
-    same bits wherever the gradients lie. Other devices get one multi-tensor norm kernel.
+    On CPU a large tensor is reduced in rows (:func:`shine.tensorlist.sum_of_squares`: as fast
+    as a plain sum there, and accurate, where the whole-tensor float32 norm that ``_foreach_norm``
+    and ``clip_grad_norm_`` compute on CPU is off by 2.7e-3 relative on a random 50257x768 matrix).
+    Small tensors (under :data:`~shine.tensorlist.ROWWISE_MIN_NUMEL` elements) share one
+    multi-tensor norm: their per-call cost, not their bytes, is what counts (98 of GPT-2 small's
+    148 tensors). Not BLAS ``dot``, as fast but dependent on the data's memory alignment (two
+    values over 16 offsets of one vector): the clip then differed in its last bits between
+    processes. Other devices get one multi-tensor norm kernel.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
@@ -864,17 +862,9 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
         if device.type != "cpu":
             squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
         else:
-            squares = [_rowwise_sum_of_squares(g, dtype) for g in gs if g.numel() >= _ROWWISE_MIN_NUMEL]
-            small = [g for g in gs if g.numel() < _ROWWISE_MIN_NUMEL]
+            squares = [sum_of_squares(g, dtype) for g in gs if g.numel() >= ROWWISE_MIN_NUMEL]
+            small = [g for g in gs if g.numel() < ROWWISE_MIN_NUMEL]
             if small:
                 squares.append(torch.stack(torch._foreach_norm(small, 2, dtype=dtype)).double().square().sum())
         total += torch.stack(squares).sum().item()
     return math.sqrt(total)
-
-
-_ROWWISE_MIN_NUMEL = 65536
-
-
-def _rowwise_sum_of_squares(g: Tensor, dtype: torch.dtype) -> Tensor:
-    rows = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(1, -1)
-    return torch.linalg.vector_norm(rows, dim=-1, dtype=dtype).double().square().sum()

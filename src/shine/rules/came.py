@@ -12,7 +12,7 @@ from ..distributed import placed_like
 from .apply import Quotient
 from .ema import ema_
 from .hoist import hoist
-from ..tensorlist import TensorList, as_dtype_of, multi_tensor_preferred, per_tensor, size_of
+from ..tensorlist import TensorList, as_dtype_of, l2_norm, multi_tensor_preferred, per_tensor, size_of
 
 
 def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -34,7 +34,7 @@ def _rms(t):
     """``sqrt(mean(t^2))``; ``math.sqrt`` of the size is host arithmetic (a ``** 0.5`` of a
     symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel)."""
     sizes = size_of(t)
-    return t.norm() / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
+    return l2_norm(t) / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
 def _mean(t, dim, keepdim=False, dtype=None):

@@ -8,7 +8,7 @@ from .ema import ema, ema_
 from .hoist import hoist
 from .newton_schulz import newton_schulz5
 from ..distributed import whole_tensor
-from ..tensorlist import as_dtype_of, per_tensor
+from ..tensorlist import as_dtype_of, l2_norm, per_tensor
 
 
 def mars_correction(g, prev_grad, *, gamma, beta1, clip=None):
@@ -36,7 +36,7 @@ def _uncorrected(g, prev_grad, gamma, beta1):
 
 
 def _clip_of(c):
-    return hoist(c.norm().clamp_min(1.0))
+    return hoist(l2_norm(c).clamp_min(1.0))
 
 
 def sign_momentum(x, exp_avg, *, beta1):

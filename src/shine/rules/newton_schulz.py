@@ -1,6 +1,8 @@
 """The quintic Newton–Schulz iteration that maps a matrix close to its orthogonal factor."""
 import torch
 
+from ..tensorlist import l2_norm
+
 _A, _B, _C = 3.4445, -4.7750, 2.0315
 
 
@@ -12,7 +14,7 @@ def newton_schulz5(m: torch.Tensor, *, steps: int = 5, eps: float = 1e-7, dtype:
     ``dtype`` selects the arithmetic (the MARS reference uses bfloat16; the
     default keeps the input's dtype, i.e. float32, for exactness).
     """
-    x = (m / (m.norm() + eps)).to(dtype or m.dtype)
+    x = (m / (l2_norm(m) + eps)).to(dtype or m.dtype)
     transpose = m.shape[-2] > m.shape[-1]
     if transpose:
         x = x.mT
