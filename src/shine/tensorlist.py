@@ -187,9 +187,10 @@ def l2_norm(t: Any) -> Any:
     """The Euclidean norm of ``t`` (of each tensor of a TensorList), in ``t``'s dtype, accurate
     on every path: on the CPU, eager tensors from :data:`ROWWISE_MIN_NUMEL` elements up take
     :func:`sum_of_squares` (compiled kernels, CUDA's tree reductions and DTensors' shard-wise
-    norms keep ``norm()``; inductor's CPU loops are accurate to 1e-7 on 50257x768)."""
+    norms keep ``norm()``; inductor's CPU loops are accurate to 1e-7 on 50257x768). A TensorList
+    where launches cost host time (:func:`multi_tensor_preferred`) takes one multi-tensor norm."""
     if isinstance(t, TensorList):
-        return _map(l2_norm, t) if t.tensors and t.tensors[0].device.type == "cpu" else t.norm()
+        return t.norm() if multi_tensor_preferred(t) else _map(l2_norm, t)
     if (t.device.type != "cpu" or t.numel() < ROWWISE_MIN_NUMEL or is_dtensor(t)
             or torch.compiler.is_compiling()):
         return t.norm()
