@@ -25,6 +25,7 @@ def test_bench_rows_and_json(tmp_path, capsys):
     for r in rows.values():
         assert r["median_s"] > 0 and r["ns_per_param"] == pytest.approx(r["median_s"] * 1e9 / meta["params"])
         assert r["ratio_to_fused_adamw"] == pytest.approx(r["median_s"] / r["baseline_median_s"])
+        assert r["bandwidth_fraction"] == pytest.approx(r["gb_per_s"] / meta["in_place_gb_per_s"])
     assert "came" in capsys.readouterr().out
 
 
