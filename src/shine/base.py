@@ -258,9 +258,10 @@ class ShineOptimizer(Optimizer):
                 if self.max_grad_norm is not None:
                     hyper["grad_scale"] = scale
                 path = engine.choose_path(group["fused"], group["foreach"], device, sum(p.numel() for p in bucket))
-                path, bucket, grads, states = distributed.localise(path, group["fused"], pipe, bucket,
-                                                                   [p.grad for p in bucket],
-                                                                   [self.state[p] for p in bucket])
+                path, bucket, grads, states, shard_sums = distributed.localise(
+                    path, group["fused"], pipe, bucket, [p.grad for p in bucket], [self.state[p] for p in bucket])
+                if shard_sums is not None:
+                    hyper["shard_sums"] = shard_sums
                 prepared = engine.prepare_bucket(path, pipe, bucket, grads, states, hyper) if probe else None
                 if prepared is not None:
                     probed += prepared.probes

@@ -166,32 +166,74 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor], grads: list[Tensor],
-             states: list[dict[str, Any]]) -> tuple[str, list[Tensor], list[Tensor], list[dict[str, Any]]]:
-    """The execution path and tensors for a bucket of DTensor parameters (plain buckets unchanged).
+class ShardSums:
+    """Sums per-tensor values over the shards of DTensors placed like ``like`` (Shard or Replicate
+    placements): for every tensor of a call at once, one all-reduce per sharded mesh dimension
+    (replicated dimensions hold copies and are not summed). What lets a step whose only
+    whole-tensor quantities are sums (MARS's clip norm, caution's kept fraction) run on the local
+    shards: a shard's sum, summed over the shards, is the whole tensor's."""
 
-    - An element-wise pipeline (AdamW, Lion without caution or MARS correction) gives the same
-      numbers on every shard as on the whole tensor, so it runs on the local shards
-      (``to_local()`` views, updated in place) on whichever path was chosen, fused included:
-      no DTensor dispatch, no communication.
-    - Any other pipeline needs whole-tensor reductions and runs on the DTensors; the fused
-      path cannot trace those (uneven shards cannot be flattened), so it falls back to the
-      multi-tensor path (one warning when ``fused=True`` was asked for).
+    def __init__(self, like: Tensor):
+        mesh = like.device_mesh
+        self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if pl.is_shard()]
+        self.device = like.to_local().device
+
+    def __call__(self, values: Any, *sizes: Any) -> Any:
+        """``values`` (a 0-d tensor, or a TensorList of them, one per tensor) summed over the shards;
+        with ``sizes`` (each an int, or a list of ints, one per tensor), the tuple of ``values``
+        and those, summed too, as tensors like ``values``. Every rank must make the same calls."""
+        single = isinstance(values, Tensor)
+        tensors = [values] if single else list(values)
+        numbers = [x for column in sizes for x in ([column] if single else column)]
+        buffer = torch.stack(tensors).to(torch.float64)
+        if numbers:
+            buffer = torch.cat([buffer, torch.tensor(numbers, dtype=torch.float64, device=buffer.device)])
+        for group in self.groups:
+            torch.distributed.all_reduce(buffer, group=group)
+        columns = [c.reshape(()) if single else type(values)(c.unbind())
+                   for c in buffer.to(tensors[0].dtype).split(len(tensors))]
+        return tuple(columns) if sizes else columns[0]
+
+
+def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor], grads: list[Tensor],
+             states: list[dict[str, Any]]
+             ) -> tuple[str, list[Tensor], list[Tensor], list[dict[str, Any]], ShardSums | None]:
+    """The execution path and tensors for a bucket of DTensor parameters (plain buckets unchanged),
+    and the :class:`ShardSums` its step completes its sums with (``None``: none needed).
+
+    - A pipeline with an element-wise preconditioner (:attr:`~shine.engine.Pipeline.shardwise`:
+      AdamW, Lion, MARS-Lion's sign, with or without caution and the MARS correction) runs on
+      the local shards (``to_local()`` views, updated in place): no DTensor dispatch. Without
+      caution or the correction (:attr:`~shine.engine.Pipeline.elementwise`) a shard's step is
+      the shard of the whole step, on whichever path was chosen, fused included. With them, the
+      clip norm and the kept fraction are sums that a :class:`ShardSums` completes, one
+      all-reduce for all the bucket's tensors; the compiled path cannot call it mid-graph, so
+      those take the multi-tensor path.
+    - Any other pipeline (CAME, MARS-Shampoo) runs on the DTensors, whose reductions DTensor
+      completes tensor by tensor, on the multi-tensor path.
+
+    Falling back from ``fused=True`` warns once.
     """
     if not params or not is_dtensor(params[0]):
-        return path, params, grads, states
+        return path, params, grads, states, None
     placements = params[0].placements
     same = all(is_dtensor(t) and t.placements == placements
                for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
                                            and v.ndim)))
-    if same and pipe.elementwise:
-        return (path, [_local(p) for p in params], [_local(g) for g in grads],
-                [{k: _local(v) for k, v in s.items()} for s in states])
-    if path == "fused":
-        if fused_flag:
-            what = ("cautious " if pipe.cautious else "") + ("MARS-corrected " if pipe.correction else "")
-            message = (f"shine: fused=True is not available for {what}{pipe.precondition.__name__} on DTensor "
-                       "parameters (whole-tensor reductions over shards); using the multi-tensor path")
-            warn_once(message)
-        path = "foreach"
-    return path, params, grads, states
+    if not (same and pipe.shardwise and all(pl.is_shard() or pl.is_replicate() for pl in placements)):
+        return _unfused(path, fused_flag, pipe), params, grads, states, None
+    sums = None if pipe.elementwise else ShardSums(params[0])
+    return (path if sums is None else _unfused(path, fused_flag, pipe), [_local(p) for p in params],
+            [_local(g) for g in grads], [{k: _local(v) for k, v in s.items()} for s in states], sums)
+
+
+def _unfused(path: str, fused_flag: bool | None, pipe: Any) -> str:
+    """``path``, with the fused path replaced by the multi-tensor path (one warning where
+    ``fused=True`` asked for it)."""
+    if path != "fused":
+        return path
+    if fused_flag:
+        what = ("cautious " if pipe.cautious else "") + ("MARS-corrected " if pipe.correction else "")
+        warn_once(f"shine: fused=True is not available for {what}{pipe.precondition.__name__} on DTensor "
+                  "parameters (whole-tensor reductions over shards); using the multi-tensor path")
+    return "foreach"

@@ -77,7 +77,15 @@ class Pipeline:
         """Whether each element's step reads only that element of every tensor (AdamW, Lion, without
         caution or the MARS correction, whose means and norms span the tensor): the step of a slice
         of a tensor, or of a shard, is then that slice of the whole tensor's step."""
-        return self.precondition in _ELEMENTWISE and not self.cautious and not self.correction
+        return self.shardwise and not self.cautious and not self.correction
+
+    @property
+    def shardwise(self) -> bool:
+        """Whether the preconditioner is element-wise (AdamW, Lion, MARS-Lion's sign), so that the
+        step's only whole-tensor quantities are sums (MARS's clip norm, caution's kept fraction):
+        given those sums over the whole tensor (``hyper["shard_sums"]``, a
+        :class:`~shine.distributed.ShardSums`), the step of a shard is the shard of the step."""
+        return self.precondition in _ELEMENTWISE
 
     @property
     def prepass(self) -> bool:
@@ -108,7 +116,7 @@ def pipeline_step(pipe: Pipeline, p, g, state: dict[str, Any], hyper: dict[str, 
     stats = {"stats": prepared["stats"]} if "stats" in prepared else {}
     u = pipe.precondition(x, *_preconditioner_args(pipe, state), **_preconditioner_kwargs(pipe, hyper), **stats)
     if pipe.cautious:
-        u = rules.caution(u, g, prepared.get("kept"))
+        u = rules.caution(u, g, prepared.get("kept"), across=hyper.get("shard_sums"))
     rules.apply_update(work, u, lr=hyper["lr"], decay=hyper["decay"])
     stochastic = hyper.get("stochastic_rounding", False)
     if upcast:
@@ -167,7 +175,8 @@ def _working_copies(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, A
 def _estimate(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], clip=None):
     """The gradient estimate the preconditioner takes: MARS's corrected gradient, or ``g``."""
     if pipe.correction:
-        return rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"], clip=clip)
+        return rules.mars_correction(g, state["prev_grad"], gamma=hyper["gamma"], beta1=hyper["beta1"], clip=clip,
+                                     across=hyper.get("shard_sums"))
     return g
 
 
@@ -336,7 +345,9 @@ def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, 
 def _run_foreach(pipe: Pipeline, params, grads, states, hyper) -> None:
     if pipe.elementwise and params:
         params, grads, states = _in_slices(pipe, params, grads, states, FOREACH_GROUP_NUMEL.get(params[0].device.type))
-    for start, stop in _foreach_groups(pipe, params):
+    # shards: one group, as every rank must make the same ShardSums calls (uneven shards group unevenly)
+    groups = [(0, len(params))] if "shard_sums" in hyper else _foreach_groups(pipe, params)
+    for start, stop in groups:
         state = {name: TensorList(s[name] for s in states[start:stop]) for name in state_names(pipe)}
         pipeline_step(pipe, TensorList(params[start:stop]), TensorList(grads[start:stop]), state, hyper)
 
@@ -426,8 +437,8 @@ def state_names(pipe: Pipeline) -> tuple[str, ...]:
 #: path hands the compiler 1-D views and one graph serves every shape. The others
 #: (factored CAME, Newton-Schulz) read the shape and get one graph per rank.
 _SHAPE_FREE = (rules.adamw, rules.lion, rules.sign_momentum, rules.came_unfactored)
-#: Preconditioners that are element-wise with no whole-tensor quantity (:attr:`Pipeline.elementwise`).
-_ELEMENTWISE = (rules.adamw, rules.lion)
+#: Preconditioners that are element-wise (:attr:`Pipeline.shardwise`).
+_ELEMENTWISE = (rules.adamw, rules.lion, rules.sign_momentum)
 _BROKEN: set[Pipeline] = set()
 
 #: In a fused bucket, tensors of fewer elements than this take the multi-tensor path instead.

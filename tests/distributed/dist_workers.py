@@ -325,6 +325,29 @@ def job_nonfinite(rank: int, world: int, labels: list[str]):
     return results
 
 
+# ---- collectives of a step on local shards ----------------------------------------------------
+def job_collectives(rank: int, world: int, labels: list[str]):
+    """{label: the all-reduce calls of one FSDP2 step}: optimizers with an element-wise
+    preconditioner step the local shards and complete their sums in one all-reduce per bucket and
+    reduction, whatever the number of tensors."""
+    results = {}
+    for label in labels:
+        model = wrap(new_model(), "fsdp", world)
+        opt = make_optimizer(model, label, "fsdp")
+        train(model, opt, range(1), rank, world)
+        x, y = batch(1, rank, world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        real, calls = dist.all_reduce, []
+        dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = real
+        results[label] = len(calls)
+    return results
+
+
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------
 def job_fsdp1(rank: int, world: int, labels: list[str]):
     """{label: None (accepted) or the error message} for FSDP1-flattened parameters."""
@@ -341,7 +364,7 @@ def job_fsdp1(rank: int, world: int, labels: list[str]):
 
 
 def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_labels: list[str],
-              fsdp1_labels: list[str]):
+              fsdp1_labels: list[str], collective_labels: list[str]):
     """Everything of test_ddp_fsdp_zero in one process group."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -349,4 +372,5 @@ def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_lab
     return {"equivalence": equivalence,
             "warnings": sorted({str(w.message) for w in caught if str(w.message).startswith("shine:")}),
             "nonfinite": job_nonfinite(rank, world, nonfinite_labels),
-            "fsdp1": job_fsdp1(rank, world, fsdp1_labels)}
+            "fsdp1": job_fsdp1(rank, world, fsdp1_labels),
+            "collectives": job_collectives(rank, world, collective_labels)}

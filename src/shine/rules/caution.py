@@ -4,19 +4,20 @@ from .apply import Quotient
 from .hoist import hoist
 
 
-def caution(u, g, kept=None):
+def caution(u, g, kept=None, across=None):
     """Zero ``u`` where ``u * g <= 0``; rescale by ``1 / max(mean(mask), 1e-3)``.
 
     The mean is over the whole tensor (a global reduction for DTensors), as in
     the official code and timm. Other libraries divide by ``numel/(kept+1)``,
     which differs on small tensors. ``kept`` is that floored mean when it was
-    already computed (:func:`kept_fraction` of a tensor with the sign of ``u``).
+    already computed (:func:`kept_fraction` of a tensor with the sign of ``u``). ``across``: on
+    shards, a :class:`~shine.distributed.ShardSums` that completes the count and the size.
     Returns a new tensor, or for a :class:`~shine.rules.apply.Quotient` a quotient still
     unformed (the masked numerator over the denominator times the kept fraction: two passes
     fewer than forming it first); the caller's momentum state is never masked.
     """
     mask = _agrees(_sign_of(u), g)
-    kept = _floored_mean(mask) if kept is None else kept
+    kept = _floored_mean(mask, across) if kept is None else kept
     if isinstance(u, Quotient):
         return Quotient(mask.mul_(u.numerator), u.denominator.mul_(kept), u.scale)
     return mask.mul_(u).div_(kept)
@@ -44,9 +45,11 @@ def _agrees(u, g):
     return product.gt_(0)
 
 
-def _floored_mean(mask):
+def _floored_mean(mask, across=None):
     # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
     # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
     # A mask's L1 norm is its sum: where launches cost host time, one multi-tensor kernel.
-    total = mask.norm(1) if multi_tensor_preferred(mask) else mask.sum()
-    return hoist((total / size_of(mask)).clamp_min(1e-3))
+    total, size = mask.norm(1) if multi_tensor_preferred(mask) else mask.sum(), size_of(mask)
+    if across is not None:  # a shard's count and size, summed over the shards
+        total, size = across(total, size)
+    return hoist((total / size).clamp_min(1e-3))

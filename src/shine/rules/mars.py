@@ -11,16 +11,17 @@ from ..distributed import whole_tensor
 from ..tensorlist import as_dtype_of, l2_norm, per_tensor
 
 
-def mars_correction(g, prev_grad, *, gamma, beta1, clip=None):
+def mars_correction(g, prev_grad, *, gamma, beta1, clip=None, across=None):
     """Return ``c = g + gamma*beta1/(1-beta1)*(g - g_prev)``, clipped to Euclidean norm <= 1.
 
     The clip is written as ``c / max(||c||, 1)``: the same numbers as the
     paper's if-branch without a host synchronisation per tensor. The norm is a
-    whole-tensor reduction, so a sharded DTensor gets the global norm. ``clip``
-    is ``max(||c||, 1)`` when already computed (:func:`mars_clip`).
+    whole-tensor reduction, so a sharded DTensor gets the global norm; on local shards,
+    ``across`` (a :class:`~shine.distributed.ShardSums`) sums the squared norm over them.
+    ``clip`` is ``max(||c||, 1)`` when already computed (:func:`mars_clip`).
     """
     c = _uncorrected(g, prev_grad, gamma, beta1)
-    return c.div_(_clip_of(c) if clip is None else clip)
+    return c.div_(_clip_of(c, across) if clip is None else clip)
 
 
 def mars_clip(g, prev_grad, *, gamma, beta1):
@@ -35,8 +36,9 @@ def _uncorrected(g, prev_grad, gamma, beta1):
     return ema(as_dtype_of(prev_grad, g), g, 1 + gamma * beta1 / (1 - beta1))
 
 
-def _clip_of(c):
-    return hoist(l2_norm(c).clamp_min(1.0))
+def _clip_of(c, across=None):
+    norm = l2_norm(c) if across is None else across(l2_norm(c).square()).sqrt()
+    return hoist(norm.clamp_min(1.0))
 
 
 def sign_momentum(x, exp_avg, *, beta1):
