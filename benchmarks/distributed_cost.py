@@ -6,7 +6,8 @@ CPU, gloo, 127.0.0.1; one thread per rank. Prints the median wall time per call 
 - Newton-Schulz (MARS-Shampoo): DTensor matmuls on the shards vs gather once + iterate whole + keep the shard;
 - CAME factored step: DTensor reductions vs gathering gradient and momentum whole;
 - a mean over an unevenly sharded dim: ``mean`` vs ``sum / n``;
-- AdamW over many tensors: DTensor foreach vs the same kernels on the local shards.
+- AdamW over many tensors: DTensor foreach vs the same kernels on the local shards;
+- whole optimizer steps on 64 sharded matrices, for each optimizer kind.
 """
 from __future__ import annotations
 
@@ -95,6 +96,15 @@ def worker(rank, world, port):
     dt = _time(lambda: step(TensorList(ps), TensorList(gs), TensorList(ms), TensorList(vs)))
     lo = _time(lambda: step(loc(ps), loc(gs), loc(ms), loc(vs)))
     say(f"{'':38s}{dt:10.1f}{lo:17.1f}")
+
+    import shine
+    say("optimizer step, 64 tensors 256x256    ms")
+    for name in ("adamw", "c-adamw", "lion", "c-lion", "mars-adamw", "c-mars-adamw", "mars-lion", "came"):
+        params = [torch.nn.Parameter(distribute_tensor(torch.randn(256, 256), mesh, [Shard(0)])) for _ in range(64)]
+        for q in params:
+            q.grad = distribute_tensor(torch.randn(256, 256), mesh, [Shard(0)])
+        opt = shine.create_optimizer(params, name, lr=1e-3)
+        say(f"{'':38s}{name:14s}{_time(opt.step):8.1f}")
     dist.destroy_process_group()
 
 
