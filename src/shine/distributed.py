@@ -179,19 +179,23 @@ class ShardSums:
         self.device = like.to_local().device
 
     def __call__(self, values: Any, *sizes: Any) -> Any:
-        """``values`` (a 0-d tensor, or a TensorList of them, one per tensor) summed over the shards;
-        with ``sizes`` (each an int, or a list of ints, one per tensor), the tuple of ``values``
-        and those, summed too, as tensors like ``values``. Every rank must make the same calls."""
+        """``values`` (a tensor, or a TensorList, one per tensor: sums of this rank's shards)
+        summed over the shards; with ``sizes`` (each an int, or a list of ints, one per tensor:
+        how many elements those sums are over), the tuple of ``values`` and the sizes, summed
+        too, as 0-d tensors in the dtype of ``values``. In float64. Every rank must make the same
+        calls in the same order."""
         single = isinstance(values, Tensor)
         tensors = [values] if single else list(values)
         numbers = [x for column in sizes for x in ([column] if single else column)]
-        buffer = torch.stack(tensors).to(torch.float64)
+        buffer = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
         if numbers:
             buffer = torch.cat([buffer, torch.tensor(numbers, dtype=torch.float64, device=buffer.device)])
         for group in self.groups:
             torch.distributed.all_reduce(buffer, group=group)
-        columns = [c.reshape(()) if single else type(values)(c.unbind())
-                   for c in buffer.to(tensors[0].dtype).split(len(tensors))]
+        parts = buffer.to(tensors[0].dtype).split([t.numel() for t in tensors] + [len(tensors)] * len(sizes))
+        columns = [[part.view(t.shape) for part, t in zip(parts, tensors)]]
+        columns += [list(part.unbind()) for part in parts[len(tensors):]]
+        columns = [c[0] if single else type(values)(c) for c in columns]
         return tuple(columns) if sizes else columns[0]
 
 
@@ -209,8 +213,11 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
       clip norm and the kept fraction are sums that a :class:`ShardSums` completes, one
       all-reduce for all the bucket's tensors; the compiled path cannot call it mid-graph, so
       those take the multi-tensor path.
-    - Any other pipeline (CAME, MARS-Shampoo) runs on the DTensors, whose reductions DTensor
-      completes tensor by tensor, on the multi-tensor path.
+    - CAME (:attr:`~shine.engine.Pipeline.row_shardwise`) does the same where the shards split
+      the rows (FSDP2's ``Shard(0)``; :func:`_split_along_rows`), its column means, row-state
+      means and RMS completed by a :class:`ShardSums`.
+    - Any other bucket (MARS-Shampoo; CAME split otherwise) runs on the DTensors, whose
+      reductions DTensor completes tensor by tensor, on the multi-tensor path.
 
     Falling back from ``fused=True`` warns once.
     """
@@ -220,11 +227,37 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
     same = all(is_dtensor(t) and t.placements == placements
                for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
                                            and v.ndim)))
-    if not (same and pipe.shardwise and all(pl.is_shard() or pl.is_replicate() for pl in placements)):
+    if same and pipe.shardwise and all(pl.is_shard() or pl.is_replicate() for pl in placements):
+        sums = None if pipe.elementwise else ShardSums(params[0])
+    elif pipe.row_shardwise and _split_along_rows(params, grads, states):
+        sums = ShardSums(params[0])
+    else:
         return _unfused(path, fused_flag, pipe), params, grads, states, None
-    sums = None if pipe.elementwise else ShardSums(params[0])
     return (path if sums is None else _unfused(path, fused_flag, pipe), [_local(p) for p in params],
             [_local(g) for g in grads], [{k: _local(v) for k, v in s.items()} for s in states], sums)
+
+
+def _split_along_rows(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether every parameter of the bucket is split along dim 0 only (placements ``Shard(0)`` or
+    ``Replicate``), its gradient and full-size state alike, and its other state tensors are
+    vectors placed like it (row statistics) or replicated (column statistics). CAME's "last2"
+    factoring of a conv kernel keeps higher-rank statistics, split along a batch dim: no."""
+    placements = params[0].placements
+    if not all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in placements):
+        return False
+    for p, g, state in zip(params, grads, states):
+        if not (is_dtensor(p) and is_dtensor(g) and p.placements == g.placements == placements):
+            return False
+        for t in state.values():
+            if not isinstance(t, Tensor) or t.ndim == 0:
+                continue
+            if not is_dtensor(t):
+                return False
+            full = t.shape == p.shape and t.placements == placements
+            vector = t.ndim == 1 and (t.placements == placements or all(pl.is_replicate() for pl in t.placements))
+            if not (full or vector):
+                return False
+    return True
 
 
 def _unfused(path: str, fused_flag: bool | None, pipe: Any) -> str:

@@ -88,6 +88,14 @@ class Pipeline:
         return self.precondition in _ELEMENTWISE
 
     @property
+    def row_shardwise(self) -> bool:
+        """Whether, on shards split along their rows (dim 0 of a vector or matrix, the rows of
+        CAME's ``"flatten"`` view), the step is the shard of the step once its sums are completed
+        over the shards: :attr:`shardwise` pipelines, and CAME, whose preconditioner then takes
+        the :class:`~shine.distributed.ShardSums` as ``across`` for its sums over rows."""
+        return self.shardwise or self.precondition in _ROW_SUMMED
+
+    @property
     def prepass(self) -> bool:
         """Whether the step needs whole-tensor quantities that a read-only pre-pass can compute
         first (MARS's clip, caution's kept fraction with a ``direction_sign``, ``statistics``)."""
@@ -155,7 +163,10 @@ def _preconditioner_args(pipe: Pipeline, state: dict[str, Any]) -> list:
 
 
 def _preconditioner_kwargs(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
-    return {k: hyper[k] for k in pipe.hyper}
+    kwargs = {k: hyper[k] for k in pipe.hyper}
+    if "shard_sums" in hyper and pipe.precondition in _ROW_SUMMED:
+        kwargs["across"] = hyper["shard_sums"]
+    return kwargs
 
 
 def _working_copies(pipe: Pipeline, g, state: dict[str, Any], hyper: dict[str, Any], upcast: bool):
@@ -439,6 +450,8 @@ def state_names(pipe: Pipeline) -> tuple[str, ...]:
 _SHAPE_FREE = (rules.adamw, rules.lion, rules.sign_momentum, rules.came_unfactored)
 #: Preconditioners that are element-wise (:attr:`Pipeline.shardwise`).
 _ELEMENTWISE = (rules.adamw, rules.lion, rules.sign_momentum)
+#: Preconditioners whose sums over rows a ShardSums completes on row shards (:attr:`Pipeline.row_shardwise`).
+_ROW_SUMMED = (rules.came_factored, rules.came_unfactored)
 _BROKEN: set[Pipeline] = set()
 
 #: In a fused bucket, tensors of fewer elements than this take the multi-tensor path instead.

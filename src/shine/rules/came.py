@@ -30,22 +30,30 @@ def factored_shapes(shape: torch.Size, mode: str) -> tuple[tuple[int, ...], tupl
     return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
 
 
-def _rms(t):
+def _rms(t, across=None):
     """``sqrt(mean(t^2))``; ``math.sqrt`` of the size is host arithmetic (a ``** 0.5`` of a
-    symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel)."""
+    symbolic size would be recomputed with ``pow`` inside every block of a compiled kernel).
+    ``across``: ``t`` is a shard, and a :class:`~shine.distributed.ShardSums` completes the mean."""
     sizes = size_of(t)
+    if across is not None:
+        total, size = across(l2_norm(t).square(), sizes)
+        return (total / size).sqrt()
     return l2_norm(t) / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
-def _mean(t, dim, keepdim=False, dtype=None):
+def _mean(t, dim, keepdim=False, dtype=None, across=None):
     """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
     ``dtype`` when given (the result is then in ``dtype``).
 
     On a DTensor sharded along ``dim`` the sum is a ``Partial`` that costs one
     all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
-    dim makes DTensor all-gather the whole tensor first.
+    dim makes DTensor all-gather the whole tensor first. On a local shard split along ``dim``,
+    ``across`` (a :class:`~shine.distributed.ShardSums`) sums the sum and ``n`` over the shards.
     """
-    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / size_of(t, dim)
+    total, size = t.sum(dim=dim, keepdim=keepdim, dtype=dtype), size_of(t, dim)
+    if across is not None:
+        total, size = across(total, size)
+    return total / size
 
 
 #: Rows per block of :func:`_column_mean` under the compiler, for a column pass that reads one
@@ -54,9 +62,10 @@ def _mean(t, dim, keepdim=False, dtype=None):
 _COLUMN_BLOCK = {1: 16, 2: 8}
 
 
-def _column_mean(t, reads=1):
+def _column_mean(t, reads=1, across=None):
     """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`; ``reads``: how many full-size tensors
-    the compiled expression of ``t`` reads (it sets the block size).
+    the compiled expression of ``t`` reads (it sets the block size); ``across``: as for
+    :func:`_mean` (eager only: the compiled path never steps shards).
 
     Under ``torch.compile`` the sum runs over blocks of rows, then over the blocks. Inductor
     walks a plain column sum down each column, one whole row's stride per element (0.45 ns per
@@ -71,7 +80,7 @@ def _column_mean(t, reads=1):
     compile's example has no whole block.
     """
     if not torch.compiler.is_compiling():
-        return _mean(t, -2)
+        return _mean(t, -2, across=across)
     n, block = t.shape[-2], _COLUMN_BLOCK[reads]
     if n < block + 2:
         return _mean(t, -2)
@@ -80,14 +89,14 @@ def _column_mean(t, reads=1):
     return ((blocks + t[..., whole:, :].sum(-2)) / n).to(t.dtype)
 
 
-def _relative(row):
+def _relative(row, across=None):
     """``row / mean(row)``: Adafactor's normalised row statistic (its rank-1 root is this row's
-    root times the column's).
+    root times the column's); ``across``: as for :func:`_mean`.
 
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    return row / as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64), row)
+    return row / as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64, across=across), row)
 
 
 @per_tensor
@@ -128,16 +137,21 @@ def came_factored(x, *state, **hyper):
     a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
-    width 8) less (0.86-0.91)."""
-    if isinstance(x, TensorList) and not multi_tensor_preferred(x):
+    width 8) less (0.86-0.91). Shards (``across``) take the multi-tensor form everywhere: each of
+    its sums over rows is then one all-reduce for all the matrices, where matrix by matrix it was
+    five per matrix (a 2-rank gloo step of 64 matrices spent most of its time waiting in them)."""
+    if isinstance(x, TensorList) and not multi_tensor_preferred(x) and hyper.get("across") is None:
         return _came_factored_by_matrix(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
 
 
 def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
-                   beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None):
+                   beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None, across=None):
     """:func:`came_factored` on tensors or TensorLists. ``stats``: :func:`came_row_statistics`
-    of ``x``, when already computed."""
+    of ``x``, when already computed. ``across``: the matrices are shards split along their rows
+    (their row states split alike, their column states whole), and a
+    :class:`~shine.distributed.ShardSums` completes the sums over rows: the column means and the
+    mean of each row state. The RMS is a mean over the (whole) column vector."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
@@ -146,12 +160,12 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     # res + eps2 up to rounding), and the clip scales the column factor, not u: three passes
     # fewer over the matrix on the eager paths.
     xx = x * x
-    squares_col = _column_mean(xx) + eps1
+    squares_col = _column_mean(xx, across=across) + eps1
     ema_(exp_avg_sq_row, _row_statistics(xx, eps1) if stats is None else stats, 1 - beta2)
-    row = hoist(_relative(exp_avg_sq_row).rsqrt())
+    row = hoist(_relative(exp_avg_sq_row, across).rsqrt())
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
-    weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)))
+    weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)), across=across)
     ema_(exp_avg_sq_col, squares_col, 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
     rms = _mean_of_all(col * col * weighted).sqrt()
@@ -161,20 +175,22 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     ema_(m, u, 1 - beta1)
     res = u.sub_(m).pow_(2)
     ema_(exp_avg_res_row, _mean(res, -1) + eps2, 1 - beta3)
-    ema_(exp_avg_res_col, _column_mean(res, reads=2) + eps2, 1 - beta3)
-    root = hoist(_relative(exp_avg_res_row).sqrt()).unsqueeze(-1) * hoist(exp_avg_res_col.sqrt()).unsqueeze(-2)
+    ema_(exp_avg_res_col, _column_mean(res, reads=2, across=across) + eps2, 1 - beta3)
+    root = (hoist(_relative(exp_avg_res_row, across).sqrt()).unsqueeze(-1)
+            * hoist(exp_avg_res_col.sqrt()).unsqueeze(-2))
     return Quotient(exp_avg, _view_as(_placed_like(root, m), exp_avg), 1.0)
 
 
-def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold):
+def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshold, across=None):
     """CAME for vectors and scalars: RMS-clipped Adafactor step, then momentum; no confidence term.
 
     Returns the momentum itself: :func:`shine.rules.apply_update` never writes to
-    the direction (the reference once scaled ``m`` in place by lr, a bug).
+    the direction (the reference once scaled ``m`` in place by lr, a bug). ``across``: the
+    tensors are shards, and a :class:`~shine.distributed.ShardSums` completes the RMS.
     """
     ema_(exp_avg_sq, (x * x).add_(eps1), 1 - beta2)
     u = exp_avg_sq.rsqrt().mul_(x)
-    u.div_(hoist((_rms(u) / clip_threshold).clamp_min(1.0)))
+    u.div_(hoist((_rms(u, across) / clip_threshold).clamp_min(1.0)))
     ema_(exp_avg, u, 1 - beta1)
     return exp_avg
 
