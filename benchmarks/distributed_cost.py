@@ -4,7 +4,8 @@
 
 CPU, gloo, 127.0.0.1; one thread per rank. Prints the median wall time per call (ms) on rank 0 of:
 - Newton-Schulz (MARS-Shampoo): DTensor matmuls on the shards vs gather once + iterate whole + keep the shard;
-- CAME factored step: DTensor reductions vs gathering gradient and momentum whole;
+- CAME factored step: DTensor reductions vs gathering gradient and momentum whole vs the local
+  shards with their sums over rows completed by ``ShardSums`` (what shine does);
 - a mean over an unevenly sharded dim: ``mean`` vs ``sum / n``;
 - AdamW over many tensors: DTensor foreach vs the same kernels on the local shards;
 - whole optimizer steps on 64 sharded matrices, for each optimizer kind.
@@ -43,7 +44,7 @@ def worker(rank, world, port):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from shine import rules
-    from shine.distributed import whole_tensor, reduced_zeros
+    from shine.distributed import ShardSums, whole_tensor, reduced_zeros
     mesh = init_device_mesh("cpu", (world,))
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     torch.manual_seed(0)
@@ -57,7 +58,7 @@ def worker(rank, world, port):
         single = _time(lambda: rules.newton_schulz5(full))
         say(f"{'':38s}{str(shape):13s}{dt:10.1f}{ga:11.1f}{single:15.1f}")
 
-    say("came factored step                   shape        dtensor-ms  gather-ms")
+    say("came factored step                   shape        dtensor-ms  gather-ms  local-shards-ms")
     for shape in [(1024, 1024), (2047, 2048)]:
         p = distribute_tensor(torch.zeros(shape), mesh, [Shard(0)])
         g = distribute_tensor(torch.randn(shape), mesh, [Shard(0)])
@@ -74,7 +75,9 @@ def worker(rank, world, port):
             u = rules.formed(rules.came_factored(x, m, *whole[1:], **kw))
             return distribute_tensor(u, mesh, [Shard(0)], src_data_rank=None)
         ga = _time(gathered)
-        say(f"{'':38s}{str(shape):13s}{dt:10.1f}{ga:11.1f}")
+        local = [t.to_local() for t in st]
+        lo = _time(lambda: rules.formed(rules.came_factored(g.to_local(), *local, **kw, across=ShardSums(g))))
+        say(f"{'':38s}{str(shape):13s}{dt:10.1f}{ga:11.1f}{lo:17.1f}")
 
     say("mean over a sharded dim (2047x2048)   mean-ms  sum/n-ms")
     x = distribute_tensor(torch.randn(2047, 2048), mesh, [Shard(0)])
