@@ -169,14 +169,13 @@ def _local(t: Tensor) -> Tensor:
 class ShardSums:
     """Sums per-tensor values over the shards of DTensors placed like ``like`` (Shard or Replicate
     placements): for every tensor of a call at once, one all-reduce per sharded mesh dimension
-    (replicated dimensions hold copies and are not summed). What lets a step whose only
-    whole-tensor quantities are sums (MARS's clip norm, caution's kept fraction) run on the local
-    shards: a shard's sum, summed over the shards, is the whole tensor's."""
+    (replicated dimensions hold copies and are not summed). What lets a step whose whole-tensor
+    quantities are sums (MARS's clip norm, caution's kept fraction, CAME's means over rows) run on
+    the local shards: a shard's sum, summed over the shards, is the whole tensor's."""
 
     def __init__(self, like: Tensor):
         mesh = like.device_mesh
         self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if pl.is_shard()]
-        self.device = like.to_local().device
 
     def __call__(self, values: Any, *sizes: Any) -> Any:
         """``values`` (a tensor, or a TensorList, one per tensor: sums of this rank's shards)
