@@ -66,8 +66,10 @@ def new_model() -> Net:
 # ---- optimizer configurations -------------------------------------------------------
 def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (registry name, extra keyword arguments): every registered optimizer, plus
-    MARS and MARS-CAME exact mode, the CAME reference conv factoring and global gradient clipping (labels
-    ending in ``-clip``; their bound is below this model's gradient norms, so it clips)."""
+    MARS and MARS-CAME exact mode, the CAME reference conv factoring, global gradient clipping (labels
+    ending in ``-clip``; their bound is below this model's gradient norms, so it clips) and a MARS
+    correction strong enough (``gamma=1``) that its clip binds (the norms of ``c`` are 1.4-16 over
+    the 5 steps; with the default gamma they stay under 1, where a wrong norm would go unseen)."""
     out = {name: (name, {}) for name in shine.list_optimizers()}
     out["mars-adamw-exact"] = ("mars-adamw", {"approx": False})
     out["c-mars-shampoo-exact"] = ("c-mars-shampoo", {"approx": False})
@@ -75,6 +77,7 @@ def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     out["came-last2"] = ("came", {"factor_conv": "last2"})
     out["adamw-clip"] = ("adamw", {"max_grad_norm": CLIP})
     out["came-clip"] = ("came", {"max_grad_norm": CLIP})
+    out["c-mars-adamw-gamma1"] = ("c-mars-adamw", {"gamma": 1.0})
     return out
 
 
@@ -133,11 +136,13 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def shard(model: nn.Module, world: int) -> nn.Module:
-    """FSDP2: every layer and the root sharded on dim 0 over all ranks."""
+def shard(model: nn.Module, world: int, hybrid: bool = False) -> nn.Module:
+    """FSDP2: every layer and the root sharded on dim 0 over all ranks; ``hybrid``: HSDP, sharded
+    over pairs of ranks and replicated across the pairs (placements ``(Replicate(), Shard(0))``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = (init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard")) if hybrid
+            else init_device_mesh("cpu", (world,)))
     for layer in (model.conv, model.fc1, model.fc2, model.out):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -149,6 +154,8 @@ def wrap(model: nn.Module, mode: str, world: int) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     if mode == "fsdp1":
         return model
+    if mode == "hsdp":
+        return shard(model, world, hybrid=True)
     if mode.startswith("fsdp"):
         return shard(model, world)
     assert mode == "single", mode

@@ -45,6 +45,12 @@ def single():
     return W.reference(LABELS)
 
 
+@pytest.fixture(scope="module")
+def hybrid():
+    """HSDP on 4 ranks: sharded over pairs, replicated across them (sums over the shards only)."""
+    return W.launch(W.job_equivalence, 4, [(label, "hsdp") for label in LABELS])
+
+
 def test_every_registered_optimizer_is_covered():
     assert set(shine.list_optimizers()) <= set(LABELS)
 
@@ -60,6 +66,17 @@ def test_matches_single_process(suite, single, label, mode):
         diff = W.rel_diff(params[name], ref_params[name])
         assert diff <= TOL, f"{mode} {label} {name}: relative difference {diff:.2e}"
     assert losses == pytest.approx(ref_losses, rel=TOL, abs=1e-7)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_hsdp_matches_single_process(hybrid, single, label):
+    result = hybrid[(label, "hsdp")]
+    assert not isinstance(result, str), result
+    params, losses, _ = result
+    for name, p in params.items():
+        diff = W.rel_diff(p, single[label][0][name])
+        assert diff <= TOL, f"hsdp {label} {name}: relative difference {diff:.2e}"
+    assert losses == pytest.approx(single[label][1], rel=TOL, abs=1e-7)
 
 
 @pytest.mark.parametrize("label", CLIPPED)
