@@ -16,16 +16,18 @@ Two things are not left to DTensor:
   has, so the in-place updates of the rules never need a placement change.
 - :func:`whole_tensor` runs a function on the whole tensor: the Newton-Schulz
   iteration of MARS-Shampoo gathers the momentum once (one all-gather), iterates
-  locally and keeps this rank's shard of the result. Run directly on a Shard(0)
-  DTensor the 5 iterations cost 21 collectives (6 all-reduce, 5 all-gather,
-  10 reduce-scatter) per matrix and are slower at every size measured
-  (docs/distributed.md).
+  locally and keeps this rank's shard of the result; over a bucket's matrices the
+  ranks take turns, each iterating on 1/N of them and scattering the results. Run
+  directly on a Shard(0) DTensor the 5 iterations cost 21 collectives (6
+  all-reduce, 5 all-gather, 10 reduce-scatter) per matrix and are slower at every
+  size measured (docs/distributed.md).
 
 Without torch.distributed every helper is the single-process identity.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, Sequence
 
@@ -35,10 +37,11 @@ from torch import Tensor
 from .validation import warn_once
 
 try:  # torch.distributed is optional (some builds ship without it)
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -83,22 +86,61 @@ def placed_like(t: Tensor, like: Tensor) -> Tensor:
 
 
 def whole_tensor(fn: Callable) -> Callable:
-    """Run ``fn(x, **kw)`` on the whole of a DTensor ``x``; return a DTensor placed as ``x``.
+    """Run ``fn(x, **kw)`` on the whole of a DTensor ``x``; return a DTensor placed as ``x``
+    (``fn`` returns a tensor shaped like its input, in its dtype).
 
-    Every rank gathers ``x`` (one all-gather), computes ``fn`` on it and keeps its
-    own shard of the result (a local slice). Plain tensors go straight to ``fn``.
+    Every rank gathers ``x`` (one all-gather), computes ``fn`` on it and keeps its own shard of
+    the result (a local slice). A list-like of DTensors (a TensorList of one 1-D mesh) is shared
+    out instead (:func:`_round_robin`): each tensor's ``fn`` is computed by one rank of the mesh.
+    Plain tensors go straight to ``fn``, a list-like of them tensor by tensor.
     """
 
     @functools.wraps(fn)
-    def wrapper(x, *args, **kwargs):
-        if not is_dtensor(x):
-            return fn(x, *args, **kwargs)
-        out = fn(x.full_tensor(), *args, **kwargs)
-        mesh = x.device_mesh
-        return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
-            mesh, x.placements)
+    def wrapper(x, **kwargs):
+        if isinstance(x, Tensor) and not is_dtensor(x):
+            return fn(x, **kwargs)
+        if isinstance(x, Tensor):
+            out = fn(x.full_tensor(), **kwargs)
+            mesh = x.device_mesh
+            return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+                mesh, x.placements)
+        tensors = list(x)
+        if tensors and is_dtensor(tensors[0]) and tensors[0].device_mesh.ndim == 1 and _SCATTERS:
+            return type(x)(_round_robin(functools.partial(fn, **kwargs), tensors))
+        return type(x)(wrapper(t, **kwargs) for t in tensors)
 
     return wrapper
+
+
+#: Whether ``distribute_tensor`` can scatter from a chosen rank (``src_data_rank``, torch 2.6).
+_SCATTERS = DTensor is not None and "src_data_rank" in inspect.signature(distribute_tensor).parameters
+
+
+def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """``fn`` of each of ``tensors`` (DTensors of one 1-D mesh), each computed by one rank: the
+    i-th by the mesh's ``i mod N``-th rank (``distribute_tensor`` takes the source as a rank of
+    each mesh dimension's group, which on a 2-D mesh cannot name every rank: there every rank
+    computes every result). In waves of one tensor per rank: each tensor of the wave
+    is gathered (an all-gather, as :func:`whole_tensor` does; the ranks that do not own it drop
+    it at once, so a rank holds one whole tensor besides its own), every rank computes its own
+    tensor's ``fn``, and each result is scattered from its rank as the tensor is placed. Every
+    rank thus computes 1/N of the results, where each computed all of them (as Distributed
+    Shampoo shares out its preconditioners)."""
+    mesh = tensors[0].device_mesh
+    size, me = mesh.size(), mesh.get_local_rank()
+    out: list[Tensor] = []
+    for start in range(0, len(tensors), size):
+        wave = tensors[start:start + size]
+        mine = None
+        for owner, t in enumerate(wave):
+            whole = t.full_tensor()
+            if owner == me:
+                mine = whole
+        result = fn(mine) if mine is not None else None
+        for owner, t in enumerate(wave):
+            data = result if owner == me else torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
+            out.append(distribute_tensor(data, mesh, t.placements, src_data_rank=owner))
+    return out
 
 
 def check_layout(p: Tensor, optimizer: str, whole_tensor_math: bool) -> None:

@@ -355,6 +355,24 @@ def job_collectives(rank: int, world: int, labels: list[str]):
     return results
 
 
+def job_orthogonalisations(rank: int, world: int):
+    """The Newton-Schulz iterations each rank runs in one FSDP2 step of MARS-Shampoo (the ranks
+    take turns over the bucket's matrices)."""
+    from shine.rules import mars
+    model = wrap(new_model(), "fsdp", world)
+    opt = make_optimizer(model, "mars-shampoo", "fsdp")
+    train(model, opt, range(1), rank, world)
+    real, calls = mars.newton_schulz5, []
+    mars.newton_schulz5 = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    try:
+        train(model, opt, range(1, 2), rank, world)
+    finally:
+        mars.newton_schulz5 = real
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(calls)]))
+    return [int(c) for c in counts]
+
+
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------
 def job_fsdp1(rank: int, world: int, labels: list[str]):
     """{label: None (accepted) or the error message} for FSDP1-flattened parameters."""
@@ -380,4 +398,5 @@ def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_lab
             "warnings": sorted({str(w.message) for w in caught if str(w.message).startswith("shine:")}),
             "nonfinite": job_nonfinite(rank, world, nonfinite_labels),
             "fsdp1": job_fsdp1(rank, world, fsdp1_labels),
-            "collectives": job_collectives(rank, world, collective_labels)}
+            "collectives": job_collectives(rank, world, collective_labels),
+            "orthogonalisations": job_orthogonalisations(rank, world)}

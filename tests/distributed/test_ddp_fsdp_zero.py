@@ -122,3 +122,9 @@ def test_shard_steps_complete_their_sums_per_bucket_not_per_tensor(suite):
     made C-AdamW 9x, C-MARS-AdamW 21x and CAME 59x slower than AdamW on 64 sharded 256x256
     matrices)."""
     assert suite["collectives"] == COLLECTIVES
+
+
+def test_ranks_share_out_the_newton_schulz_iterations(suite):
+    """MARS-Shampoo's 3 matrices (5x3, 7x5, 1x7; the conv kernel takes AdamW): rank 0 iterates
+    on two, rank 1 on one, where each rank iterated on all three."""
+    assert suite["orthogonalisations"] == [2, 1]

@@ -8,7 +8,7 @@ from .ema import ema, ema_
 from .hoist import hoist
 from .newton_schulz import newton_schulz5
 from ..distributed import whole_tensor
-from ..tensorlist import as_dtype_of, l2_norm, per_tensor
+from ..tensorlist import as_dtype_of, l2_norm
 
 
 def mars_correction(g, prev_grad, *, gamma, beta1, clip=None, across=None):
@@ -57,7 +57,6 @@ def orthogonal_momentum(x, exp_avg, *, beta1, ns_steps, ns_dtype=None):
     return _scaled_orthogonalisation(exp_avg / (1 - beta1), ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 
-@per_tensor
 @whole_tensor  # a sharded DTensor is gathered once, not iterated on shard by shard (see shine.distributed)
 def _scaled_orthogonalisation(m, *, ns_steps, ns_dtype):
     rows, cols = m.shape[-2], m.shape[-1]
