@@ -230,7 +230,7 @@ class ShardSums:
         numbers = [x for column in sizes for x in ([column] if single else column)]
         buffer = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
         if numbers:
-            buffer = torch.cat([buffer, torch.tensor(numbers, dtype=torch.float64, device=buffer.device)])
+            buffer = torch.cat([buffer, _on_device(torch.tensor(numbers, dtype=torch.float64), buffer.device)])
         for group in self.groups:
             torch.distributed.all_reduce(buffer, group=group)
         parts = buffer.to(tensors[0].dtype).split([t.numel() for t in tensors] + [len(tensors)] * len(sizes))
@@ -238,6 +238,14 @@ class ShardSums:
         columns += [list(part.unbind()) for part in parts[len(tensors):]]
         columns = [c[0] if single else type(values)(c) for c in columns]
         return tuple(columns) if sizes else columns[0]
+
+
+def _on_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (on the host) copied to ``device`` without waiting for the device: a copy from
+    pageable memory to a CUDA device synchronises with its stream, one from pinned memory does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor], grads: list[Tensor],
