@@ -69,7 +69,8 @@ def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     MARS and MARS-CAME exact mode, the CAME reference conv factoring, global gradient clipping (labels
     ending in ``-clip``; their bound is below this model's gradient norms, so it clips) and a MARS
     correction strong enough (``gamma=1``) that its clip binds (the norms of ``c`` are 1.4-16 over
-    the 5 steps; with the default gamma they stay under 1, where a wrong norm would go unseen)."""
+    the 5 steps; with the default gamma they stay under 1, where a wrong norm would go unseen), and
+    bf16 state (rounded to nearest: stochastic rounding draws other bits on a shard)."""
     out = {name: (name, {}) for name in shine.list_optimizers()}
     out["mars-adamw-exact"] = ("mars-adamw", {"approx": False})
     out["c-mars-shampoo-exact"] = ("c-mars-shampoo", {"approx": False})
@@ -78,6 +79,8 @@ def configs() -> dict[str, tuple[str, dict[str, Any]]]:
     out["adamw-clip"] = ("adamw", {"max_grad_norm": CLIP})
     out["came-clip"] = ("came", {"max_grad_norm": CLIP})
     out["c-mars-adamw-gamma1"] = ("c-mars-adamw", {"gamma": 1.0})
+    for name in ("c-adamw", "came"):
+        out[f"{name}-bf16-state"] = (name, {"state_dtype": torch.bfloat16, "stochastic_rounding": False})
     return out
 
 
