@@ -337,9 +337,8 @@ def job_nonfinite(rank: int, world: int, labels: list[str]):
 
 # ---- collectives of a step on local shards ----------------------------------------------------
 def job_collectives(rank: int, world: int, labels: list[str]):
-    """{label: the all-reduce calls of one FSDP2 step}: optimizers with an element-wise
-    preconditioner step the local shards and complete their sums in one all-reduce per bucket and
-    reduction, whatever the number of tensors."""
+    """{label: the all-reduce calls of one FSDP2 step}: optimizers that step the local shards
+    complete their sums in one all-reduce per bucket and sum, whatever the number of tensors."""
     results = {}
     for label in labels:
         model = wrap(new_model(), "fsdp", world)

@@ -176,6 +176,9 @@ def test_clip_of_a_large_tensor_is_accurate(foreach):
     g, prev = torch.randn(2000, 1000, generator=gen), torch.randn(2000, 1000, generator=gen)
     hp = dict(gamma=0.025, beta1=0.95)
     exact = rules.mars_clip(g.double(), prev.double(), **hp).item()
-    clip = rules.mars_clip(TensorList([g]), TensorList([prev]), **hp).tensors[0] if foreach else rules.mars_clip(g, prev, **hp)
+    if foreach:
+        clip = rules.mars_clip(TensorList([g]), TensorList([prev]), **hp).tensors[0]
+    else:
+        clip = rules.mars_clip(g, prev, **hp)
     assert clip.dtype == torch.float32
     assert abs(clip.item() - exact) / exact < 2e-7
