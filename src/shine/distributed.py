@@ -90,8 +90,9 @@ def whole_tensor(fn: Callable) -> Callable:
     (``fn`` returns a tensor shaped like its input, in its dtype).
 
     Every rank gathers ``x`` (one all-gather), computes ``fn`` on it and keeps its own shard of
-    the result (a local slice). A list-like of DTensors (a TensorList of one 1-D mesh) is shared
-    out instead (:func:`_round_robin`): each tensor's ``fn`` is computed by one rank of the mesh.
+    the result (a local slice). A list-like of DTensors (a TensorList of one mesh) is shared out
+    instead where :func:`_turn_taking_mesh` finds a mesh dimension to share it over
+    (:func:`_round_robin`): each tensor's ``fn`` is computed by one rank of that dimension.
     Plain tensors go straight to ``fn``, a list-like of them tensor by tensor.
     """
 
@@ -105,8 +106,9 @@ def whole_tensor(fn: Callable) -> Callable:
             return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
                 mesh, x.placements)
         tensors = list(x)
-        if tensors and is_dtensor(tensors[0]) and tensors[0].device_mesh.ndim == 1 and _SCATTERS:
-            return type(x)(_round_robin(functools.partial(fn, **kwargs), tensors))
+        turns = _turn_taking_mesh(tensors[0]) if tensors and is_dtensor(tensors[0]) else None
+        if turns is not None:
+            return type(x)(_round_robin(functools.partial(fn, **kwargs), tensors, *turns))
         return type(x)(wrapper(t, **kwargs) for t in tensors)
 
     return wrapper
@@ -116,18 +118,29 @@ def whole_tensor(fn: Callable) -> Callable:
 _SCATTERS = DTensor is not None and "src_data_rank" in inspect.signature(distribute_tensor).parameters
 
 
-def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor]) -> list[Tensor]:
-    """``fn`` of each of ``tensors`` (DTensors of one 1-D mesh), each computed by one rank: the
-    i-th by the mesh's ``i mod N``-th rank (``distribute_tensor`` takes the source as a rank of
-    each mesh dimension's group, which on a 2-D mesh cannot name every rank: there every rank
-    computes every result). In waves of one tensor per rank: each tensor of the wave
-    is gathered (an all-gather, as :func:`whole_tensor` does; the ranks that do not own it drop
-    it at once, so a rank holds one whole tensor besides its own), every rank computes its own
-    tensor's ``fn``, and each result is scattered from its rank as the tensor is placed. Every
-    rank thus computes 1/N of the results, where each computed all of them (as Distributed
-    Shampoo shares out its preconditioners)."""
-    mesh = tensors[0].device_mesh
-    size, me = mesh.size(), mesh.get_local_rank()
+def _turn_taking_mesh(t: Tensor) -> tuple[Any, Any] | None:
+    """The 1-D mesh whose ranks take turns over tensors placed like ``t``, and ``t``'s placement on
+    it: the mesh dimension ``t`` is sharded on (on its other dimensions ``t`` is replicated, and
+    each replica group takes its own turns, as HSDP's do). ``None`` where there is none to take:
+    ``t`` sharded on several dimensions, or on an unnamed dimension of a mesh of several (a
+    submesh is taken by name), or no ``src_data_rank`` in this torch."""
+    mesh = t.device_mesh
+    sharded = [dim for dim, pl in enumerate(t.placements) if not pl.is_replicate()]
+    if not _SCATTERS or len(sharded) != 1 or (mesh.ndim > 1 and not mesh.mesh_dim_names):
+        return None
+    dim = sharded[0]
+    return (mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[dim]]), t.placements[dim]
+
+
+def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor], turns: Any, placement: Any) -> list[Tensor]:
+    """``fn`` of each of ``tensors`` (DTensors placed alike), each computed by one rank of the 1-D
+    mesh ``turns`` they are split over as ``placement``: the i-th by its ``i mod N``-th rank. In
+    waves of one tensor per rank: each tensor of the wave is gathered (an all-gather, as
+    :func:`whole_tensor` does; the ranks that do not own it drop it at once, so a rank holds one
+    whole tensor besides its own), every rank computes its own tensor's ``fn``, and each result is
+    scattered from its rank as the tensor is placed. Every rank thus computes 1/N of the results,
+    where each computed all of them (as Distributed Shampoo shares out its preconditioners)."""
+    size, me = turns.size(), turns.get_local_rank()
     out: list[Tensor] = []
     for start in range(0, len(tensors), size):
         wave = tensors[start:start + size]
@@ -139,7 +152,9 @@ def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor]) -> list[
         result = fn(mine) if mine is not None else None
         for owner, t in enumerate(wave):
             data = result if owner == me else torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
-            out.append(distribute_tensor(data, mesh, t.placements, src_data_rank=owner))
+            local = distribute_tensor(data, turns, [placement], src_data_rank=owner).to_local()
+            out.append(DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                          shape=t.shape, stride=t.stride()))
     return out
 
 

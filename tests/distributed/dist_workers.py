@@ -357,12 +357,12 @@ def job_collectives(rank: int, world: int, labels: list[str]):
     return results
 
 
-def job_orthogonalisations(rank: int, world: int):
-    """The Newton-Schulz iterations each rank runs in one FSDP2 step of MARS-Shampoo (the ranks
-    take turns over the bucket's matrices)."""
+def job_orthogonalisations(rank: int, world: int, mode: str = "fsdp"):
+    """The Newton-Schulz iterations each rank runs in one FSDP2 (or HSDP) step of MARS-Shampoo
+    (the ranks of a shard group take turns over the bucket's matrices)."""
     from shine.rules import mars
-    model = wrap(new_model(), "fsdp", world)
-    opt = make_optimizer(model, "mars-shampoo", "fsdp")
+    model = wrap(new_model(), mode, world)
+    opt = make_optimizer(model, "mars-shampoo", mode)
     train(model, opt, range(1), rank, world)
     real, calls = mars.newton_schulz5, []
     mars.newton_schulz5 = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
@@ -373,6 +373,12 @@ def job_orthogonalisations(rank: int, world: int):
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(calls)]))
     return [int(c) for c in counts]
+
+
+def job_hybrid(rank: int, world: int, cases: list[tuple[str, str]]):
+    """The HSDP cases of test_ddp_fsdp_zero in one process group."""
+    return {"equivalence": job_equivalence(rank, world, cases),
+            "orthogonalisations": job_orthogonalisations(rank, world, "hsdp")}
 
 
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------

@@ -48,7 +48,7 @@ def single():
 @pytest.fixture(scope="module")
 def hybrid():
     """HSDP on 4 ranks: sharded over pairs, replicated across them (sums over the shards only)."""
-    return W.launch(W.job_equivalence, 4, [(label, "hsdp") for label in LABELS])
+    return W.launch(W.job_hybrid, 4, [(label, "hsdp") for label in LABELS])
 
 
 def test_every_registered_optimizer_is_covered():
@@ -70,7 +70,7 @@ def test_matches_single_process(suite, single, label, mode):
 
 @pytest.mark.parametrize("label", LABELS)
 def test_hsdp_matches_single_process(hybrid, single, label):
-    result = hybrid[(label, "hsdp")]
+    result = hybrid["equivalence"][(label, "hsdp")]
     assert not isinstance(result, str), result
     params, losses, _ = result
     for name, p in params.items():
@@ -124,7 +124,9 @@ def test_shard_steps_complete_their_sums_per_bucket_not_per_tensor(suite):
     assert suite["collectives"] == COLLECTIVES
 
 
-def test_ranks_share_out_the_newton_schulz_iterations(suite):
+def test_ranks_share_out_the_newton_schulz_iterations(suite, hybrid):
     """MARS-Shampoo's 3 matrices (5x3, 7x5, 1x7; the conv kernel takes AdamW): rank 0 iterates
-    on two, rank 1 on one, where each rank iterated on all three."""
+    on two, rank 1 on one, where each rank iterated on all three. Under HSDP each replica's pair
+    of ranks takes its own turns."""
     assert suite["orthogonalisations"] == [2, 1]
+    assert hybrid["orthogonalisations"] == [2, 1, 2, 1]
