@@ -123,10 +123,11 @@ def _turn_taking_mesh(t: Tensor) -> tuple[Any, Any] | None:
     it: the mesh dimension ``t`` is sharded on (on its other dimensions ``t`` is replicated, and
     each replica group takes its own turns, as HSDP's do). ``None`` where there is none to take:
     ``t`` sharded on several dimensions, or on an unnamed dimension of a mesh of several (a
-    submesh is taken by name), or no ``src_data_rank`` in this torch."""
+    submesh is taken by name), a ``Partial`` placement, or no ``src_data_rank`` in this torch."""
     mesh = t.device_mesh
-    sharded = [dim for dim, pl in enumerate(t.placements) if not pl.is_replicate()]
-    if not _SCATTERS or len(sharded) != 1 or (mesh.ndim > 1 and not mesh.mesh_dim_names):
+    sharded = [dim for dim, pl in enumerate(t.placements) if pl.is_shard()]
+    if (not _SCATTERS or len(sharded) != 1 or not all(pl.is_shard() or pl.is_replicate() for pl in t.placements)
+            or (mesh.ndim > 1 and not mesh.mesh_dim_names)):
         return None
     dim = sharded[0]
     return (mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[dim]]), t.placements[dim]
