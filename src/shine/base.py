@@ -116,7 +116,12 @@ class ShineOptimizer(Optimizer):
             check_param(p, type(self).__name__)
         self._check_group(group)
         for p in group["params"]:
-            distributed.check_layout(p, type(self).__name__, self._whole_tensor_math(group))
+            self._check_layout(group, p)
+
+    def _check_layout(self, group: dict[str, Any], p: Tensor) -> None:
+        """Refuse a parameter laid out so that the group's math cannot work on it (FSDP1's flat
+        shards, for math that reads whole tensors), with an error that names the problem."""
+        distributed.check_layout(p, type(self).__name__, self._whole_tensor_math(group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -106,9 +106,9 @@ def whole_tensor(fn: Callable) -> Callable:
             return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
                 mesh, x.placements)
         tensors = list(x)
-        turns = _turn_taking_mesh(tensors[0]) if tensors and is_dtensor(tensors[0]) else None
-        if turns is not None:
-            return type(x)(_round_robin(functools.partial(fn, **kwargs), tensors, *turns))
+        turns = {_turn_taking_mesh(t) if is_dtensor(t) else None for t in tensors}
+        if len(turns) == 1 and None not in turns:
+            return type(x)(_round_robin(functools.partial(fn, **kwargs), tensors, *turns.pop()))
         return type(x)(wrapper(t, **kwargs) for t in tensors)
 
     return wrapper
@@ -118,29 +118,32 @@ def whole_tensor(fn: Callable) -> Callable:
 _SCATTERS = DTensor is not None and "src_data_rank" in inspect.signature(distribute_tensor).parameters
 
 
-def _turn_taking_mesh(t: Tensor) -> tuple[Any, Any] | None:
-    """The 1-D mesh whose ranks take turns over tensors placed like ``t``, and ``t``'s placement on
-    it: the mesh dimension ``t`` is sharded on (on its other dimensions ``t`` is replicated, and
-    each replica group takes its own turns, as HSDP's do). ``None`` where there is none to take:
-    ``t`` sharded on several dimensions, or on an unnamed dimension of a mesh of several (a
-    submesh is taken by name), a ``Partial`` placement, or no ``src_data_rank`` in this torch."""
+def _turn_taking_mesh(t: Tensor) -> tuple[Any, int] | None:
+    """The 1-D mesh whose ranks take turns over tensors placed like ``t``, and its dimension in
+    ``t``'s mesh: the mesh dimension ``t`` is sharded on (on its other dimensions ``t`` is
+    replicated, and each replica group takes its own turns, as HSDP's do). Tensors sharded along
+    other tensor dims (tensor parallelism's ``Shard(0)`` and ``Shard(1)``) share the same turns.
+    ``None`` where there is none to take: ``t`` sharded on several dimensions, or on an unnamed
+    dimension of a mesh of several (a submesh is taken by name), a ``Partial`` placement, or no
+    ``src_data_rank`` in this torch."""
     mesh = t.device_mesh
     sharded = [dim for dim, pl in enumerate(t.placements) if pl.is_shard()]
     if (not _SCATTERS or len(sharded) != 1 or not all(pl.is_shard() or pl.is_replicate() for pl in t.placements)
             or (mesh.ndim > 1 and not mesh.mesh_dim_names)):
         return None
     dim = sharded[0]
-    return (mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[dim]]), t.placements[dim]
+    return (mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[dim]]), dim
 
 
-def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor], turns: Any, placement: Any) -> list[Tensor]:
-    """``fn`` of each of ``tensors`` (DTensors placed alike), each computed by one rank of the 1-D
-    mesh ``turns`` they are split over as ``placement``: the i-th by its ``i mod N``-th rank. In
-    waves of one tensor per rank: each tensor of the wave is gathered (an all-gather, as
-    :func:`whole_tensor` does; the ranks that do not own it drop it at once, so a rank holds one
-    whole tensor besides its own), every rank computes its own tensor's ``fn``, and each result is
-    scattered from its rank as the tensor is placed. Every rank thus computes 1/N of the results,
-    where each computed all of them (as Distributed Shampoo shares out its preconditioners)."""
+def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor], turns: Any, dim: int) -> list[Tensor]:
+    """``fn`` of each of ``tensors`` (DTensors of one mesh, each sharded on its dimension ``dim``
+    only), each computed by one rank of the 1-D mesh ``turns`` over that dimension: the i-th by
+    its ``i mod N``-th rank. In waves of one tensor per rank: each tensor of the wave is gathered
+    (an all-gather, as :func:`whole_tensor` does; the ranks that do not own it drop it at once, so
+    a rank holds one whole tensor besides its own), every rank computes its own tensor's ``fn``,
+    and each result is scattered from its rank as the tensor is placed. Every rank thus computes
+    1/N of the results, where each computed all of them (as Distributed Shampoo shares out its
+    preconditioners)."""
     size, me = turns.size(), turns.get_local_rank()
     out: list[Tensor] = []
     for start in range(0, len(tensors), size):
@@ -153,7 +156,7 @@ def _round_robin(fn: Callable[[Tensor], Tensor], tensors: list[Tensor], turns: A
         result = fn(mine) if mine is not None else None
         for owner, t in enumerate(wave):
             data = result if owner == me else torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
-            local = distribute_tensor(data, turns, [placement], src_data_rank=owner).to_local()
+            local = distribute_tensor(data, turns, [t.placements[dim]], src_data_rank=owner).to_local()
             out.append(DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                                           shape=t.shape, stride=t.stride()))
     return out

@@ -9,7 +9,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
-from . import rules
+from . import distributed, rules
 from .base import ShineOptimizer, decay_factor, group_lr, run_closure, state_zeros
 from .engine import LOW_PRECISION, Pipeline
 from .validation import check_betas, check_choice, check_finite_nonneg, check_lr, require
@@ -364,6 +364,25 @@ class CAME(_VarianceReduced):
 
     def _corrected(self, group, p):
         return group["gamma"] is not None
+
+    def _check_layout(self, group, p):
+        """Also: a DTensor parameter must allow the factored view (a conv kernel as ``(out, rest)``
+        with ``factor_conv="flatten"``): DTensor cannot flatten dims split unevenly over ranks
+        (tensor parallelism's ``Shard(1)`` of a ``[3, 5, 2]`` kernel on 2 ranks), which failed in
+        the first step, inside DTensor."""
+        super()._check_layout(group, p)
+        shapes = rules.factored_shapes(p.shape, group["factor_conv"])
+        if shapes is None or not distributed.is_dtensor(p):
+            return
+        view = (*shapes[0], shapes[1][-1])
+        try:
+            p.detach().reshape(view)
+        except RuntimeError as err:
+            raise ValueError(
+                f"CAME factors the parameter of shape {tuple(p.shape)} as {view} (factor_conv="
+                f"{group['factor_conv']!r}), a view its DTensor layout {tuple(p.placements)} does not allow "
+                f"({str(err).splitlines()[0]}). Pass factor_conv='last2' (factor over its last two dims), "
+                "or shard it along dim 0.") from err
 
     def _route(self, group, p):
         return "unfactored" if rules.factored_shapes(p.shape, group["factor_conv"]) is None else "factored"

@@ -381,6 +381,42 @@ def job_hybrid(rank: int, world: int, cases: list[tuple[str, str]]):
             "orthogonalisations": job_orthogonalisations(rank, world, "hsdp")}
 
 
+# ---- tensor-parallel placements: Shard(0) and Shard(1) in one bucket ---------------------------
+#: (shape, the dim it is sharded on): column- and row-wise matrices as tensor parallelism splits
+#: them, a 3-D tensor split along its middle dim, a vector; none divides by 2 ranks.
+TP_LAYOUT = [((6, 5), 1), ((5, 7), 0), ((3, 5, 2), 1), ((7,), 0)]
+
+
+def tp_run(label: str, mesh=None) -> list[torch.Tensor]:
+    """STEPS steps of ``label`` (plain hyperparameters: one group) on parameters laid out as
+    :data:`TP_LAYOUT` over ``mesh`` (whole tensors without one), every rank given the same whole
+    gradients; the whole parameters after, as float64."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    name, extra = configs()[label]
+    place = (lambda t, dim: distribute_tensor(t, mesh, [Shard(dim)])) if mesh is not None else (lambda t, dim: t)
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(place(torch.randn(shape, generator=gen), dim)) for shape, dim in TP_LAYOUT]
+    opt = shine.create_optimizer(params, name, lr=LR[name.removeprefix("c-")], weight_decay=WEIGHT_DECAY, **extra)
+    for _ in range(STEPS):
+        for p, (shape, dim) in zip(params, TP_LAYOUT):
+            p.grad = place(torch.randn(shape, generator=gen), dim)
+        opt.step()
+    return [(p.detach().full_tensor() if mesh is not None else p.detach()).double() for p in params]
+
+
+def job_tensor_parallel(rank: int, world: int, labels: list[str]):
+    """{label: tp_run over all ranks, or the error text}."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for label in labels:
+        try:
+            results[label] = tp_run(label, mesh)
+        except Exception as err:  # noqa: BLE001 - reported to the test, which decides
+            results[label] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+    return results
+
+
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------
 def job_fsdp1(rank: int, world: int, labels: list[str]):
     """{label: None (accepted) or the error message} for FSDP1-flattened parameters."""
@@ -397,7 +433,7 @@ def job_fsdp1(rank: int, world: int, labels: list[str]):
 
 
 def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_labels: list[str],
-              fsdp1_labels: list[str], collective_labels: list[str]):
+              fsdp1_labels: list[str], collective_labels: list[str], tp_labels: list[str]):
     """Everything of test_ddp_fsdp_zero in one process group."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -407,4 +443,5 @@ def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_lab
             "nonfinite": job_nonfinite(rank, world, nonfinite_labels),
             "fsdp1": job_fsdp1(rank, world, fsdp1_labels),
             "collectives": job_collectives(rank, world, collective_labels),
-            "orthogonalisations": job_orthogonalisations(rank, world)}
+            "orthogonalisations": job_orthogonalisations(rank, world),
+            "tensor_parallel": job_tensor_parallel(rank, world, tp_labels)}

@@ -29,6 +29,8 @@ FSDP1 = ["adamw", "lion", "c-adamw", "mars-adamw", "came"]
 # are split along a batch dim: that bucket stays on the DTensors (no all_reduce of its own).
 COLLECTIVES = {"adamw": 1, "c-adamw": 3, "c-lion": 3, "mars-adamw": 2, "mars-lion": 2, "c-mars-adamw": 5,
                "came": 7, "came-last2": 2}
+# Tensor-parallel layouts (dw.TP_LAYOUT); MARS exact mode needs a stashed gradient the loop does not make
+TP = [label for label in LABELS if not label.endswith("-exact")]
 # FSDP2 with the multi-tensor path as GPUs run it (caution's and CAME's multi-tensor forms)
 GPU_FORM = [label for label in LABELS if "came" in label or label.startswith("c-")]
 CASES = ([(label, mode) for mode in MODES for label in LABELS if not (mode == "zero" and label in CLIPPED)]
@@ -37,7 +39,7 @@ CASES = ([(label, mode) for mode in MODES for label in LABELS if not (mode == "z
 
 @pytest.fixture(scope="module")
 def suite():
-    return W.launch(W.job_suite, WORLD, CASES, NONFINITE, FSDP1, list(COLLECTIVES))
+    return W.launch(W.job_suite, WORLD, CASES, NONFINITE, FSDP1, list(COLLECTIVES), TP)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +132,20 @@ def test_ranks_share_out_the_newton_schulz_iterations(suite, hybrid):
     of ranks takes its own turns."""
     assert suite["orthogonalisations"] == [2, 1]
     assert hybrid["orthogonalisations"] == [2, 1, 2, 1]
+
+
+@pytest.mark.parametrize("label", TP)
+def test_tensor_parallel_layouts_match_single_process(suite, label):
+    """Matrices split by columns and by rows in one bucket (as tensor parallelism does), a 3-D
+    tensor split unevenly along its middle dim and a vector, on 2 ranks: the numbers of one
+    process. CAME's default factoring views that 3-D tensor as a matrix, which DTensor cannot
+    make of it: a clear error at construction that names the way out."""
+    result = suite["tensor_parallel"][label]
+    name = W.configs()[label][0]
+    if "came" in name and W.configs()[label][1].get("factor_conv") != "last2":
+        assert isinstance(result, str) and result.startswith("ValueError") and "factor_conv='last2'" in result
+        return
+    assert not isinstance(result, str), result
+    for i, (got, want) in enumerate(zip(result, W.tp_run(label))):
+        diff = W.rel_diff(got, want)
+        assert diff <= TOL, f"{label} tensor {i} {W.TP_LAYOUT[i]}: relative difference {diff:.2e}"
