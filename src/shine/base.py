@@ -254,8 +254,8 @@ class ShineOptimizer(Optimizer):
                 counts.append((count, step))
                 if p.numel() == 0:  # counts its step, but has nothing to update: means over its 0 rows would be NaN
                     continue
-                # DTensors of one mesh, or plain tensors, never mixed: they cannot share a kernel
-                buckets[(self._route(group, p), p.device, p.dtype, step, distributed.mesh_of(p))].append(p)
+                # DTensors of one mesh and placement, or plain tensors, never mixed: they cannot share a kernel
+                buckets[(self._route(group, p), p.device, p.dtype, step, distributed.layout_of(p))].append(p)
             for (route, device, _, step, _), bucket in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
                 self._check_state_layout(pipe, bucket)

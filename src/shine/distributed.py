@@ -49,9 +49,12 @@ def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def mesh_of(t: Tensor) -> Any:
-    """The device mesh of a DTensor, ``None`` for a plain tensor (tensors of different meshes never share a kernel)."""
-    return t.device_mesh if is_dtensor(t) else None
+def layout_of(t: Tensor) -> Any:
+    """The device mesh and placements of a DTensor, ``None`` for a plain tensor: tensors of
+    different meshes never share a kernel, and a bucket of one placement can step its local
+    shards (:func:`localise`) where tensor parallelism's mix of ``Shard(0)`` and ``Shard(1)``
+    would keep the whole bucket on the DTensors."""
+    return (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
 
 
 def reduced_zeros(p: Tensor, view_shape: Sequence[int], dim: int, dtype: torch.dtype) -> Tensor:
