@@ -211,18 +211,15 @@ def grad_norm(grads: list[Tensor], norm: Callable[[list[Tensor]], float]) -> flo
     so every rank gets the norm of the whole tensors, as one process would."""
     plain = [g for g in grads if not is_dtensor(g) and g.numel()]
     total = norm(plain) ** 2 if plain else 0.0
-    layouts: dict[tuple, list[Tensor]] = {}
+    layouts: dict[Any, list[Tensor]] = {}
     for g in grads:
         if is_dtensor(g):
-            layouts.setdefault((g.device_mesh, tuple(g.placements)), []).append(g.to_local())
-    for (mesh, placements), local in layouts.items():
-        local = [t for t in local if t.numel()]
-        device = local[0].device if local else mesh.device_type
-        square = torch.tensor([norm(local) ** 2 if local else 0.0], dtype=torch.float64, device=device)
-        for dim, placement in enumerate(placements):
-            if placement.is_shard():
-                torch.distributed.all_reduce(square, group=mesh.get_group(dim))
-        total += square.item()
+            layouts.setdefault(layout_of(g), []).append(g)
+    for dtensors in layouts.values():
+        local = [t.to_local() for t in dtensors if t.to_local().numel()]
+        device = local[0].device if local else dtensors[0].device_mesh.device_type
+        square = torch.tensor(norm(local) ** 2 if local else 0.0, dtype=torch.float64, device=device)
+        total += ShardSums(dtensors[0])(square).item()
     return math.sqrt(total)
 
 
