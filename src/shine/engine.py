@@ -443,13 +443,13 @@ def state_names(pipe: Pipeline) -> tuple[str, ...]:
 
 
 # ---- the fused path -----------------------------------------------------------------------
+#: Preconditioners that are element-wise (:attr:`Pipeline.shardwise`).
+_ELEMENTWISE = (rules.adamw, rules.lion, rules.sign_momentum)
 #: Preconditioners that are element-wise up to whole-tensor reductions (norms, means over the
 #: whole tensor): on those, a tensor and its flat view give the same numbers, so the fused
 #: path hands the compiler 1-D views and one graph serves every shape. The others
 #: (factored CAME, Newton-Schulz) read the shape and get one graph per rank.
-_SHAPE_FREE = (rules.adamw, rules.lion, rules.sign_momentum, rules.came_unfactored)
-#: Preconditioners that are element-wise (:attr:`Pipeline.shardwise`).
-_ELEMENTWISE = (rules.adamw, rules.lion, rules.sign_momentum)
+_SHAPE_FREE = _ELEMENTWISE + (rules.came_unfactored,)
 #: Preconditioners whose sums over rows a ShardSums completes on row shards (:attr:`Pipeline.row_shardwise`).
 _ROW_SUMMED = (rules.came_factored, rules.came_unfactored)
 _BROKEN: set[Pipeline] = set()
