@@ -371,10 +371,9 @@ class CAME(_VarianceReduced):
         (tensor parallelism's ``Shard(1)`` of a ``[3, 5, 2]`` kernel on 2 ranks), which failed in
         the first step, inside DTensor."""
         super()._check_layout(group, p)
-        shapes = rules.factored_shapes(p.shape, group["factor_conv"])
-        if shapes is None or not distributed.is_dtensor(p):
+        view = self._factored_view(group, p)
+        if view is None or not distributed.is_dtensor(p):
             return
-        view = (*shapes[0], shapes[1][-1])
         try:
             p.detach().reshape(view)
         except RuntimeError as err:
@@ -384,15 +383,21 @@ class CAME(_VarianceReduced):
                 f"({str(err).splitlines()[0]}). Pass factor_conv='last2' (factor over its last two dims), "
                 "or shard it along dim 0.") from err
 
+    @staticmethod
+    def _factored_view(group, p):
+        """The rule's view of ``p``'s gradient, the matrix (or stack) whose row and column means it
+        keeps (row = mean over -1, col = mean over -2); ``None`` for a tensor it does not factor."""
+        shapes = rules.factored_shapes(p.shape, group["factor_conv"])
+        return None if shapes is None else (*shapes[0], shapes[1][-1])
+
     def _route(self, group, p):
-        return "unfactored" if rules.factored_shapes(p.shape, group["factor_conv"]) is None else "factored"
+        return "unfactored" if self._factored_view(group, p) is None else "factored"
 
     def _new_state(self, group, route, p):
         correction = {"prev_grad": state_zeros(p)} if group["gamma"] is not None else {}
         if route == "unfactored":
             return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p), **correction}
-        row, col = rules.factored_shapes(p.shape, group["factor_conv"])
-        view = (*row, col[-1])  # the rule's view of the gradient; row = mean over -1, col = mean over -2
+        view = self._factored_view(group, p)
         # contiguous: the rule views the momentum as the factored matrix (p may be channels-last)
         return {"exp_avg": state_zeros(p, memory_format=torch.contiguous_format),
                 "exp_avg_sq_row": state_zeros(p, reduce=(view, -1)),
