@@ -347,14 +347,21 @@ def job_collectives(rank: int, world: int, labels: list[str]):
         x, y = batch(1, rank, world)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
-        real, calls = dist.all_reduce, []
-        dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
-        try:
+        with counted(dist, "all_reduce") as calls:
             opt.step()
-        finally:
-            dist.all_reduce = real
         results[label] = len(calls)
     return results
+
+
+@contextlib.contextmanager
+def counted(owner: Any, name: str):
+    """The list of the calls (still made) of ``owner.name`` while inside, one entry each."""
+    real, calls = getattr(owner, name), []
+    setattr(owner, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, real)
 
 
 def job_orthogonalisations(rank: int, world: int, mode: str = "fsdp"):
@@ -364,12 +371,8 @@ def job_orthogonalisations(rank: int, world: int, mode: str = "fsdp"):
     model = wrap(new_model(), mode, world)
     opt = make_optimizer(model, "mars-shampoo", mode)
     train(model, opt, range(1), rank, world)
-    real, calls = mars.newton_schulz5, []
-    mars.newton_schulz5 = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
-    try:
+    with counted(mars, "newton_schulz5") as calls:
         train(model, opt, range(1, 2), rank, world)
-    finally:
-        mars.newton_schulz5 = real
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(calls)]))
     return [int(c) for c in counts]
