@@ -8,15 +8,19 @@ GPT-2-shaped parameters, the median wall time of a step, the summed device time 
 kernel time (effective bandwidth while the kernels run). ``--per-tensor-form`` also times each multi-tensor
 row in the CPU's form (per-tensor kernels for caution's mask and CAME's passes), to weigh the
 GPU's multi-tensor form against it in one process; ``--bucket-fused`` each fused row as one
-compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``--host N`` also prints, per row, the N host-side
-operations that took the most self CPU time (where a host-bound step spends it).
+compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``); ``--static-fused`` each fused row with one
+graph per tensor size (static shapes) instead of one graph with dynamic shapes for all sizes.
+``--host N`` also prints, per row, the N host-side operations that took the most self CPU time
+(where a host-bound step spends it); ``--kernels N`` the N kernels that took the most device time.
 
     python benchmarks/step_profile.py --only adamw came --scale small --host 12
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -32,19 +36,23 @@ from shine import bench, create_optimizer, engine, optimizer_state_bytes, tensor
 def variant(form: str):
     """``"per-tensor form"``: the multi-tensor path in the form the CPU takes (per-tensor kernels
     for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"bucket"``: the
-    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``""``: as is."""
-    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES
+    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``"static"``:
+    the fused path's per-tensor calls compiled for static shapes, one graph per tensor size.
+    ``""``: as is."""
+    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, engine._call_compiled
     if form == "per-tensor form":
         tensorlist.PER_TENSOR_DEVICES = saved[0] | {"cuda"}
     elif form == "bucket":
         engine.BUCKET_FUSED_DEVICES = saved[1] | {"cuda"}
+    elif form == "static":
+        engine._call_compiled = functools.partial(saved[2], dynamic=False)
     try:
         yield
     finally:
-        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES = saved
+        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, engine._call_compiled = saved
 
 
-def profile_step(build, params, steps: int = 10, host: int = 0) -> dict[str, float]:
+def profile_step(build, params, steps: int = 10, host: int = 0, top_kernels: int = 0) -> dict[str, float]:
     opt = build()
     now = bench.clock(params[0].device)
     for _ in range(3):  # compile and warm up
@@ -63,7 +71,18 @@ def profile_step(build, params, steps: int = 10, host: int = 0) -> dict[str, flo
     state = optimizer_state_bytes(opt)
     return {"wall_s": statistics.median(walls), "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps,
             "kernels": len(kernels) / steps, "min_bytes": bench._min_bytes(params, state),
-            "host_table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=host) if host else ""}
+            "host_table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=host) if host else "",
+            "kernel_table": _kernel_table(kernels, steps, top_kernels)}
+
+
+def _kernel_table(kernels, steps: int, top: int) -> str:
+    """The ``top`` kernels by summed device time: microseconds and launches per step, and name."""
+    time_us, launches = collections.Counter(), collections.Counter()
+    for e in kernels:
+        time_us[e.name] += e.time_range.elapsed_us()
+        launches[e.name] += 1
+    return "".join(f"    {us / steps:>9.0f} us {launches[name] / steps:>5.1f}x  {name[:90]}\n"
+                   for name, us in time_us.most_common(top))
 
 
 def main(argv=None) -> int:
@@ -72,10 +91,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=["adamw", "c-adamw", "lion", "mars-adamw", "came"])
     parser.add_argument("--paths", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"])
     parser.add_argument("--host", type=int, default=0, metavar="N", help="print each row's N costliest host operations")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="print each row's N kernels that took the most device time")
     parser.add_argument("--per-tensor-form", action="store_true",
                         help="also time the cautious and CAME foreach rows in the CPU's per-tensor form")
     parser.add_argument("--bucket-fused", action="store_true",
                         help="also time each fused row as one compiled call per bucket")
+    parser.add_argument("--static-fused", action="store_true",
+                        help="also time each fused row with static-shape graphs, one per tensor size")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
@@ -90,13 +113,14 @@ def main(argv=None) -> int:
                 rows.append((f"{name} (per-tensor form)", path, "per-tensor form", build))
             if path == "fused" and args.bucket_fused:
                 rows.append((f"{name} (bucket)", path, "bucket", build))
+            if path == "fused" and args.static_fused:
+                rows.append((f"{name} (static)", path, "static", build))
     for label, path, form, build in rows:
         with variant(form):
-            r = profile_step(build, params, host=args.host)
+            r = profile_step(build, params, host=args.host, top_kernels=args.kernels)
         print(f"{label:<26} {path:<8} {r['wall_s'] * 1e6:>8.0f} {r['kernel_s'] * 1e6:>9.0f} {r['kernels']:>7.0f} "
               f"{r['min_bytes'] / r['kernel_s'] / 1e9:>15.0f}", flush=True)
-        if r["host_table"]:
-            print(r["host_table"], flush=True)
+        print(r["kernel_table"] + r["host_table"], end="\n" if r["host_table"] else "", flush=True)
     return 0
 
 
