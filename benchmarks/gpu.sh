@@ -2,9 +2,9 @@
 # The checks a session runs when it is lent a CUDA machine, in one call of under 10 minutes (run
 # it with timeout_s 600; the parts below add up to 575 s at most, --bf16 adds 100: a second call):
 # the CUDA tests, where the step time goes (benchmarks/step_profile.py: the GPU's multi-tensor
-# forms against the per-tensor form; the fused path as one call per bucket and with static-shape
-# graphs against its dynamic-shape per-tensor calls; each row's costliest kernels), the
-# generated code of the cautious fused step (gzipped), then the step benchmark on GPT-2 small
+# forms against the per-tensor form; the fused path, its graphs first compiled on small tensors,
+# as one call per bucket against per-tensor calls; each row's costliest kernels), the generated
+# code of the cautious fused step (gzipped), then the step benchmark on GPT-2 small
 # (fp32 parameters; bf16 parameters too with --bf16). Each part has its own time limit. Logs and
 # JSON go to $OUT (default gpu_out/). Works from a plain checkout: the package is put on
 # PYTHONPATH, and wheels in .whl/ (pytorch-optimizer, came-pytorch, to time them beside shine) go
@@ -23,9 +23,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout 150 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_cuda.py 2>&1 | tee "$out/tests.log"
 timeout 80 $profile --only adamw c-adamw mars-adamw came --paths foreach --per-tensor-form --kernels 3 2>&1 \
     | tee "$out/profile.log"
-timeout 150 $profile --only adamw c-adamw came --paths fused --bucket-fused --static-fused --kernels 4 2>&1 \
+timeout 150 $profile --only adamw c-adamw mars-adamw came --paths fused --small-first --bucket-fused --kernels 4 2>&1 \
     | tee "$out/fused.log"
-TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TORCH_LOGS=output_code timeout 40 $profile --only c-adamw --paths fused \
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TORCH_LOGS=output_code timeout 40 $profile --only c-adamw --paths fused --small-first \
     >"$out/c_adamw_code.log" 2>&1; gzip -f "$out/c_adamw_code.log"
 timeout 150 python3 -m shine bench --device cuda --paths fused foreach --no-extras --steps 15 \
     --json "$out/bench_fp32.json" 2>&1 | tee "$out/bench_fp32.log"

@@ -12,6 +12,8 @@ compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``); ``--static-fused`` e
 graph per tensor size (static shapes) instead of one graph with dynamic shapes for all sizes.
 ``--host N`` also prints, per row, the N host-side operations that took the most self CPU time
 (where a host-bound step spends it); ``--kernels N`` the N kernels that took the most device time.
+``--small-first`` first steps each optimizer on two small tensors, so that its compiled graphs are
+planned for their sizes, as a model's first tensors (or the CUDA tests) would plan them.
 
     python benchmarks/step_profile.py --only adamw came --scale small --host 12
 """
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--host", type=int, default=0, metavar="N", help="print each row's N costliest host operations")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="print each row's N kernels that took the most device time")
+    parser.add_argument("--small-first", action="store_true",
+                        help="compile each optimizer on two small tensors before timing it")
     parser.add_argument("--per-tensor-form", action="store_true",
                         help="also time the cautious and CAME foreach rows in the CPU's per-tensor form")
     parser.add_argument("--bucket-fused", action="store_true",
@@ -103,6 +107,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
     params = bench.make_params(bench.gpt2_shapes(*bench.SCALES[args.scale]), torch.float32, device="cuda")
+    if args.small_first:
+        small = bench.make_params([(8192,), (96, 96)], torch.float32, device="cuda")
+        for name in args.only:
+            create_optimizer(small, name, fused=True).step()
     print(f"{'optimizer':<26} {'path':<8} {'wall us':>8} {'kernel us':>9} {'kernels':>7} {'GB/s in kernels':>15}")
     rows = [("torch AdamW(fused=True)", "torch", "", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True))]
     for name in args.only:

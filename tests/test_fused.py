@@ -5,6 +5,7 @@ every pipeline compiles once per process (engine caches the compiled step per pi
 and dtypes), whichever test triggers it first.
 """
 import copy
+import functools
 import math
 import warnings
 
@@ -13,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import shine
-from shine import engine, validation
+from shine import engine, tensorlist, validation
 from rules.support import generated_code
 
 # 0-d, 1-d, 2-d wide and tall, 4-d conv kernel.
@@ -367,6 +368,30 @@ def test_fused_kernel_is_parallel_even_when_a_small_tensor_compiles_it():
     state = {"exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8)}
     step = engine._compiled.__wrapped__(engine.pipeline_step, (pipe, "parallel-test"))  # a fresh compile
     assert "#pragma omp parallel" in generated_code(step, pipe, p, g, state, hyper, None)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["c-adamw", "mars-lion", "came"])
+def test_fused_sums_by_rows_as_on_a_gpu(name, monkeypatch):
+    """Graphs compiled for a GPU take whole-tensor sums by rows of a fixed length
+    (``tensorlist._by_rows``). Forced on the CPU, with fresh graphs: caution's count, MARS's norm
+    and CAME's RMS compile that way (no fallback) for a first tensor of under one row, and the
+    step follows the per-tensor reference on tensors of whole rows, part rows and 2-D."""
+    by_rows = tensorlist._by_rows
+    monkeypatch.setattr(tensorlist, "_by_rows", lambda t: torch.compiler.is_compiling() or by_rows(t))
+    monkeypatch.setattr(engine, "_compiled", functools.cache(engine._compiled.__wrapped__))
+    monkeypatch.setattr(engine, "_BROKEN", set())
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5,), (3000,), (2048,), (40, 80), (2, 3, 3, 3)]
+    params0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    counters.clear()
+    runs = []
+    for path in ("fused", "per_tensor"):
+        params = [p.clone().requires_grad_() for p in params0]
+        runs.append(drive(build(name, params, path), params, grads))
+    assert counters["stats"]["unique_graphs"] > 0 and not engine._BROKEN, "the row-wise sums did not compile"
+    assert_close(*runs, torch.float32, f"{name} fused by rows vs per_tensor")
 
 
 def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch):

@@ -315,17 +315,18 @@ def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
 #: repay it within a run; small models and the unit tests stay on the multi-tensor path.
 #: Devices not listed are never fused automatically. CUDA is not listed: on an H200 (GPT-2 small,
 #: torch 2.11) the fused path's one compiled call per tensor made the step host-bound (AdamW
-#: 12.1 ms of wall time for 1.2 ms of kernels), and the multi-tensor path was the faster one for
-#: every rule: AdamW 3.25 against 5.20 times torch's fused AdamW, Lion 2.35 / 3.49, MARS-AdamW
-#: 4.04 / 7.31, C-AdamW 5.98 / 222 (a pathological kernel in the fused cautious step, 8 GB/s,
-#: not yet examined), CAME 19.9 / 18.2 (within noise).
+#: 11.8 ms of wall time for 1.2 ms of kernels), and the multi-tensor path was the faster one for
+#: every rule but MARS-Shampoo: AdamW 2.60 against 4.23 times torch's fused AdamW, Lion 2.29 /
+#: 4.56, MARS-AdamW 3.39 / 6.99, CAME 15.3 / 19.0; C-AdamW 3.96 / 186 before its count of kept
+#: elements went by rows (``tensorlist._by_rows``), after which its fused step took 13.7 ms of
+#: wall time (foreach, in an earlier process: 6.8 ms).
 AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cpu": 4_000_000}
 
 #: Devices on which ``fused=True`` measured slower than the multi-tensor path: the warning it gives there.
 SLOWER_FUSED: dict[str, str] = {
     "cuda": "shine: fused=True on CUDA measured slower than the multi-tensor path that fused=None takes "
-            "(H200, GPT-2 small: AdamW 5.2 against 3.25 times torch's fused AdamW, the cautious AdamW and "
-            "Lion steps about 40 times slower); see benchmarks/README.md"}
+            "(H200, GPT-2 small: AdamW 4.2 against 2.6 times torch's fused AdamW; one compiled call per "
+            "tensor costs more host time than its kernels take); see benchmarks/README.md"}
 
 
 def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
@@ -474,8 +475,9 @@ FUSED_MIN_TENSOR_NUMEL = 8192
 #: (0.6M parameters in 40 tensors), one call per bucket took 0.59-0.74 of the time of per-tensor
 #: calls (AdamW, C-AdamW, CAME) and 0.47-0.66 of the multi-tensor path's; on GPT-2 small, which
 #: memory bandwidth bounds there, 1.03, after a first step of 51 s (per-tensor calls: 3.7 s).
-#: So not on the CPU; empty until a GPU run has timed it (``benchmarks/step_profile.py
-#: --bucket-fused`` puts it beside the per-tensor calls).
+#: So not on the CPU. On an H200 (GPT-2 small, AdamW), one call per bucket took 8.3 ms of wall
+#: time against 11.8 ms for per-tensor calls, but the multi-tensor path 4.3 ms: not on CUDA
+#: either (``benchmarks/step_profile.py --bucket-fused`` puts it beside the per-tensor calls).
 BUCKET_FUSED_DEVICES: frozenset[str] = frozenset()
 
 

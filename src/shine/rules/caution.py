@@ -1,5 +1,5 @@
 """Caution (Liang et al., arXiv 2411.16085): keep only the coordinates that agree with the gradient."""
-from ..tensorlist import multi_tensor_preferred, size_of
+from ..tensorlist import multi_tensor_preferred, size_of, total
 from .apply import Quotient
 from .hoist import hoist
 
@@ -49,7 +49,7 @@ def _floored_mean(mask, across=None):
     # sum/numel rather than mean(): the same numbers, but on an unevenly sharded DTensor
     # a sum is one all-reduce of a scalar where mean() all-gathers the whole mask.
     # A mask's L1 norm is its sum: where launches cost host time, one multi-tensor kernel.
-    total, size = mask.norm(1) if multi_tensor_preferred(mask) else mask.sum(), size_of(mask)
+    kept, size = mask.norm(1) if multi_tensor_preferred(mask) else total(mask), size_of(mask)
     if across is not None:  # a shard's count and size, summed over the shards
-        total, size = across(total, size)
-    return hoist((total / size).clamp_min(1e-3))
+        kept, size = across(kept, size)
+    return hoist((kept / size).clamp_min(1e-3))
