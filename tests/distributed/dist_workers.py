@@ -409,15 +409,55 @@ def tp_run(label: str, mesh=None) -> list[torch.Tensor]:
 
 def job_tensor_parallel(rank: int, world: int, labels: list[str]):
     """{label: tp_run over all ranks, or the error text}."""
+    return _on_mesh(tp_run, world, labels)
+
+
+def _on_mesh(run: Callable, world: int, labels: list[str]) -> dict[str, Any]:
+    """{label: ``run(label, mesh)`` on a 1-D mesh of all ranks, or the error text}."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
     results = {}
     for label in labels:
         try:
-            results[label] = tp_run(label, mesh)
+            results[label] = run(label, mesh)
         except Exception as err:  # noqa: BLE001 - reported to the test, which decides
             results[label] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     return results
+
+
+# ---- tensor parallelism as torch applies it: parallelize_module ------------------------------
+class ParallelNet(nn.Module):
+    """:class:`Net`'s input, flattened, through a column-wise then a row-wise parallel layer (their
+    widths divide by 2 ranks: ``DTensor.from_local`` between them assumes even shards) and a plain
+    one, so that DTensor and plain parameters share the optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(18, 6)
+        self.down = nn.Linear(6, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.down(torch.tanh(self.up(x.flatten(1))))))
+
+
+def parallel_run(label: str, mesh=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """:func:`train` (the whole batch on every rank) on a :class:`ParallelNet`, its ``up`` layer
+    ``ColwiseParallel`` and ``down`` layer ``RowwiseParallel`` over ``mesh`` (none without one):
+    the losses and the whole parameters after, as float64."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    torch.manual_seed(0)
+    model = ParallelNet()
+    if mesh is not None:
+        parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    losses = train(model, make_optimizer(model, label, "tp"), range(STEPS))
+    return losses, {n: (p.full_tensor() if shine.distributed.is_dtensor(p) else p).detach().double()
+                    for n, p in model.named_parameters()}
+
+
+def job_parallelize_module(rank: int, world: int, labels: list[str]):
+    """{label: parallel_run over all ranks, or the error text}."""
+    return _on_mesh(parallel_run, world, labels)
 
 
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------
@@ -447,4 +487,5 @@ def job_suite(rank: int, world: int, cases: list[tuple[str, str]], nonfinite_lab
             "fsdp1": job_fsdp1(rank, world, fsdp1_labels),
             "collectives": job_collectives(rank, world, collective_labels),
             "orthogonalisations": job_orthogonalisations(rank, world),
-            "tensor_parallel": job_tensor_parallel(rank, world, tp_labels)}
+            "tensor_parallel": job_tensor_parallel(rank, world, tp_labels),
+            "parallelize_module": job_parallelize_module(rank, world, list(configs()))}

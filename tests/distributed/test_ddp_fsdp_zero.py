@@ -149,3 +149,17 @@ def test_tensor_parallel_layouts_match_single_process(suite, label):
     for i, (got, want) in enumerate(zip(result, W.tp_run(label))):
         diff = W.rel_diff(got, want)
         assert diff <= TOL, f"{label} tensor {i} {W.TP_LAYOUT[i]}: relative difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_parallelize_module_matches_single_process(suite, label):
+    """Tensor parallelism as ``parallelize_module`` applies it (a ``ColwiseParallel`` layer, whose
+    weight is split by rows, then a ``RowwiseParallel`` one, split by columns, beside plain
+    parameters) on 2 ranks: the losses and parameters of one process."""
+    result = suite["parallelize_module"][label]
+    assert not isinstance(result, str), result
+    (losses, params), (want_losses, want_params) = result, W.parallel_run(label)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    for name, want in want_params.items():
+        diff = W.rel_diff(params[name], want)
+        assert diff < TOL, f"{label} {name}: {diff:.2e}"
