@@ -8,8 +8,7 @@ GPT-2-shaped parameters, the median wall time of a step, the summed device time 
 kernel time (effective bandwidth while the kernels run). ``--per-tensor-form`` also times each multi-tensor
 row in the CPU's form (per-tensor kernels for caution's mask and CAME's passes), to weigh the
 GPU's multi-tensor form against it in one process; ``--bucket-fused`` each fused row as one
-compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``); ``--static-fused`` each fused row with one
-graph per tensor size (static shapes) instead of one graph with dynamic shapes for all sizes.
+compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``).
 ``--host N`` also prints, per row, the N host-side operations that took the most self CPU time
 (where a host-bound step spends it); ``--kernels N`` the N kernels that took the most device time.
 ``--small-first`` first steps each optimizer on two small tensors, so that its compiled graphs are
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import statistics
 import sys
 from pathlib import Path
@@ -38,20 +36,16 @@ from shine import bench, create_optimizer, engine, optimizer_state_bytes, tensor
 def variant(form: str):
     """``"per-tensor form"``: the multi-tensor path in the form the CPU takes (per-tensor kernels
     for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"bucket"``: the
-    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``"static"``:
-    the fused path's per-tensor calls compiled for static shapes, one graph per tensor size.
-    ``""``: as is."""
-    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, engine._call_compiled
+    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``""``: as is."""
+    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES
     if form == "per-tensor form":
         tensorlist.PER_TENSOR_DEVICES = saved[0] | {"cuda"}
     elif form == "bucket":
         engine.BUCKET_FUSED_DEVICES = saved[1] | {"cuda"}
-    elif form == "static":
-        engine._call_compiled = functools.partial(saved[2], dynamic=False)
     try:
         yield
     finally:
-        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, engine._call_compiled = saved
+        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES = saved
 
 
 def profile_step(build, params, steps: int = 10, host: int = 0, top_kernels: int = 0) -> dict[str, float]:
@@ -101,8 +95,6 @@ def main(argv=None) -> int:
                         help="also time the cautious and CAME foreach rows in the CPU's per-tensor form")
     parser.add_argument("--bucket-fused", action="store_true",
                         help="also time each fused row as one compiled call per bucket")
-    parser.add_argument("--static-fused", action="store_true",
-                        help="also time each fused row with static-shape graphs, one per tensor size")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
@@ -121,8 +113,6 @@ def main(argv=None) -> int:
                 rows.append((f"{name} (per-tensor form)", path, "per-tensor form", build))
             if path == "fused" and args.bucket_fused:
                 rows.append((f"{name} (bucket)", path, "bucket", build))
-            if path == "fused" and args.static_fused:
-                rows.append((f"{name} (static)", path, "static", build))
     for label, path, form, build in rows:
         with variant(form):
             r = profile_step(build, params, host=args.host, top_kernels=args.kernels)
