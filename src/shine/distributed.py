@@ -240,7 +240,7 @@ class ShardSums:
 
     def __call__(self, values: Any, *sizes: Any) -> Any:
         """``values`` (a tensor, or a TensorList, one per tensor: sums of this rank's shards)
-        summed over the shards; with ``sizes`` (each an int, or a list of ints, one per tensor:
+        summed over the shards; with ``sizes`` (each an int, or with a TensorList a list of ints:
         how many elements those sums are over), the tuple of ``values`` and the sizes, summed
         too, as 0-d tensors in the dtype of ``values``. In float64. Every rank must make the same
         calls in the same order."""
@@ -252,7 +252,7 @@ class ShardSums:
             buffer = torch.cat([buffer, _on_device(torch.tensor(numbers, dtype=torch.float64), buffer.device)])
         for group in self.groups:
             torch.distributed.all_reduce(buffer, group=group)
-        parts = buffer.to(tensors[0].dtype).split([t.numel() for t in tensors] + [len(tensors)] * len(sizes))
+        parts = buffer.to(tensors[0].dtype).split([t.numel() for t in tensors] + [1 if single else len(c) for c in sizes])
         columns = [[part.view(t.shape) for part, t in zip(parts, tensors)]]
         columns += [list(part.unbind()) for part in parts[len(tensors):]]
         columns = [c[0] if single else type(values)(c) for c in columns]

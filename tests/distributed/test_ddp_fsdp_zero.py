@@ -25,10 +25,11 @@ FSDP1 = ["adamw", "lion", "c-adamw", "mars-adamw", "came"]
 # weight decay) and the biases (without); MARS gives its matrices the correction and the conv
 # kernel and biases AdamW, so C-MARS-AdamW counts the matrices' clip and kept fraction, the conv
 # kernel's and the biases' kept fractions. CAME: five sums over rows for its matrices (the conv
-# kernel factored as a matrix), the RMS for its vectors. With "last2" the conv kernel's statistics
+# kernel factored as a matrix) in three all-reduces (the column sums with the row state's sum,
+# the weighted column sums, the residual's column sums with its row state's), the RMS for its vectors. With "last2" the conv kernel's statistics
 # are split along a batch dim: that bucket stays on the DTensors (no all_reduce of its own).
 COLLECTIVES = {"adamw": 1, "c-adamw": 3, "c-lion": 3, "mars-adamw": 2, "mars-lion": 2, "c-mars-adamw": 5,
-               "came": 7, "came-last2": 2}
+               "came": 5, "came-last2": 2}
 # Tensor-parallel layouts (dw.TP_LAYOUT); MARS exact mode needs a stashed gradient the loop does not make
 TP = [label for label in LABELS if not label.endswith("-exact")]
 # FSDP2 with the multi-tensor path as GPUs run it (caution's and CAME's multi-tensor forms)

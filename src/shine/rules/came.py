@@ -41,62 +41,79 @@ def _rms(t, across=None):
     return l2_norm(t) / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
-def _mean(t, dim, keepdim=False, dtype=None, across=None):
+def _mean(t, dim, keepdim=False, dtype=None):
     """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
-    ``dtype`` when given (the result is then in ``dtype``).
-
-    On a DTensor sharded along ``dim`` the sum is a ``Partial`` that costs one
-    all-reduce of the (small) result, whereas ``mean`` over an unevenly sharded
-    dim makes DTensor all-gather the whole tensor first. On a local shard split along ``dim``,
-    ``across`` (a :class:`~shine.distributed.ShardSums`) sums the sum and ``n`` over the shards.
-    """
-    total, size = t.sum(dim=dim, keepdim=keepdim, dtype=dtype), size_of(t, dim)
-    if across is not None:
-        total, size = across(total, size)
-    return total / size
+    ``dtype`` when given (the result is then in ``dtype``). On a DTensor sharded along ``dim``
+    the sum is a ``Partial`` that costs one all-reduce of the (small) result, whereas ``mean``
+    over an unevenly sharded dim makes DTensor all-gather the whole tensor first."""
+    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / size_of(t, dim)
 
 
-#: Rows per block of :func:`_column_mean` under the compiler, for a column pass that reads one
+def _over_shards(across, rows, *sums):
+    """``sums`` (each a sum over this shard's rows: a tensor, or a TensorList with one per
+    matrix) and the numbers of ``rows`` they are over, summed over the shards in one all-reduce
+    by ``across`` (a :class:`~shine.distributed.ShardSums`; the matrices are local shards split
+    along their rows); as they are without it."""
+    if across is None:
+        return (*sums, rows)
+    if not isinstance(sums[0], TensorList):
+        joined, (rows,) = across(TensorList(list(sums)), [rows])
+        return (*joined, rows)
+    joined, rows = across(TensorList([t for total in sums for t in total]), rows)
+    n = len(sums[0])
+    return (*(TensorList(joined.tensors[i * n:(i + 1) * n]) for i in range(len(sums))), rows)
+
+
+#: Rows per block of :func:`_column_sum` under the compiler, for a column pass that reads one
 #: full-size tensor (16 measured best of 4-32) and for one that reads two (8: 20 GB/s against 14-17
 #: at 16, which reads 32 rows side by side, on 4096x4096 and 50257x768).
 _COLUMN_BLOCK = {1: 16, 2: 8}
 
 
-def _column_mean(t, reads=1, across=None):
-    """``t.mean(-2)``, as ``sum / n`` like :func:`_mean`; ``reads``: how many full-size tensors
-    the compiled expression of ``t`` reads (it sets the block size); ``across``: as for
-    :func:`_mean` (eager only: the compiled path never steps shards).
+def _column_sum(t, reads=1):
+    """``t.sum(-2)``; ``reads``: how many full-size tensors the compiled expression of ``t``
+    reads (it sets the block size).
 
-    Under ``torch.compile`` the sum runs over blocks of rows, then over the blocks. Inductor
-    walks a plain column sum down each column, one whole row's stride per element (0.45 ns per
-    element of a 50257x768 matrix on the 2-core CPU); the blocked form reads the rows of a block
-    side by side (0.22 ns). Only the order of the additions differs from the plain sum. The sum
-    over the blocks is in float64: inductor sums more than 4096 float32 values with a cascade and
-    guards on the count, which gave matrices of over and under 4096 blocks a graph each. The last
-    2 to ``block + 1`` rows are summed plainly: a remainder of 0 or 1 rows is a size the compiler
-    specialises, which gave matrices whose rows divide by the block and those with one row over
-    (GPT-2's embedding) a graph each. Matrices of fewer than ``block + 2`` rows take the plain sum
-    (a size guard, so a graph of their own): inductor fails to lower the blocked form when the
-    compile's example has no whole block.
+    Under ``torch.compile`` the sum runs over blocks of rows, then over the blocks, in float64.
+    Inductor walks a plain column sum down each column, one whole row's stride per element (0.45
+    ns per element of a 50257x768 matrix on the 2-core CPU); the blocked form reads the rows of a
+    block side by side (0.22 ns). Only the order of the additions differs from the plain sum. The
+    sum over the blocks is in float64: inductor sums more than 4096 float32 values with a cascade
+    and guards on the count, which gave matrices of over and under 4096 blocks a graph each. The
+    last 2 to ``block + 1`` rows are summed plainly: a remainder of 0 or 1 rows is a size the
+    compiler specialises, which gave matrices whose rows divide by the block and those with one
+    row over (GPT-2's embedding) a graph each. Matrices of fewer than ``block + 2`` rows take the
+    plain sum (a size guard, so a graph of their own): inductor fails to lower the blocked form
+    when the compile's example has no whole block.
     """
-    if not torch.compiler.is_compiling():
-        return _mean(t, -2, across=across)
+    if not torch.compiler.is_compiling() or t.shape[-2] < _COLUMN_BLOCK[reads] + 2:
+        return t.sum(-2)
     n, block = t.shape[-2], _COLUMN_BLOCK[reads]
-    if n < block + 2:
-        return _mean(t, -2)
     whole = (n - 2) // block * block
     blocks = t[..., :whole, :].unflatten(-2, (whole // block, block)).sum(-2).sum(-2, dtype=torch.float64)
-    return ((blocks + t[..., whole:, :].sum(-2)) / n).to(t.dtype)
+    return blocks + t[..., whole:, :].sum(-2)
 
 
-def _relative(row, across=None):
-    """``row / mean(row)``: Adafactor's normalised row statistic (its rank-1 root is this row's
-    root times the column's); ``across``: as for :func:`_mean`.
+def _column_mean(t, reads=1, across=None):
+    """``t.mean(-2)``, as ``sum / n`` (:func:`_column_sum`); ``across``: see :func:`_over_shards`
+    (eager only: the compiled path never steps shards)."""
+    total, rows = _over_shards(across, size_of(t, -2), _column_sum(t, reads))
+    return as_dtype_of(total / rows, t)
+
+
+def _row_sum(row):
+    """The sum of a row state, in float64 (see :func:`_relative`)."""
+    return row.sum(-1, keepdim=True, dtype=torch.float64)
+
+
+def _relative(row, total, rows):
+    """``row / mean(row)``, given the row state's sum (:func:`_row_sum`) and length: Adafactor's
+    normalised row statistic (its rank-1 root is this row's root times the column's).
 
     The mean is summed in float64: inductor sums more than 4096 float32 values with a cascade
     and guards on the count, which gave matrices of over and under 4096 rows a graph each.
     """
-    return row / as_dtype_of(_mean(row, -1, keepdim=True, dtype=torch.float64, across=across), row)
+    return row / as_dtype_of(total / rows, row)
 
 
 @per_tensor
@@ -137,9 +154,10 @@ def came_factored(x, *state, **hyper):
     a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
-    width 8) less (0.86-0.91). Shards (``across``) take the multi-tensor form everywhere: each of
-    its sums over rows is then one all-reduce for all the matrices, where matrix by matrix it was
-    five per matrix (a 2-rank gloo step of 64 matrices spent most of its time waiting in them)."""
+    width 8) less (0.86-0.91). Shards (``across``) take the multi-tensor form everywhere: its sums
+    over rows then take three all-reduces for all the matrices (:func:`_over_shards`), where
+    matrix by matrix they took five per matrix (a 2-rank gloo step of 64 matrices spent most of
+    its time waiting in them)."""
     if isinstance(x, TensorList) and not multi_tensor_preferred(x) and hyper.get("across") is None:
         return _came_factored_by_matrix(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
@@ -160,9 +178,12 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     # res + eps2 up to rounding), and the clip scales the column factor, not u: three passes
     # fewer over the matrix on the eager paths.
     xx = x * x
-    squares_col = _column_mean(xx, across=across) + eps1
     ema_(exp_avg_sq_row, _row_statistics(xx, eps1) if stats is None else stats, 1 - beta2)
-    row = hoist(_relative(exp_avg_sq_row, across).rsqrt())
+    # Each sum over rows is summed over the shards by ``across``; the independent ones together,
+    # in one all-reduce: the column sums with the row state's, and the residual's likewise.
+    col_total, row_total, rows = _over_shards(across, size_of(xx, -2), _column_sum(xx), _row_sum(exp_avg_sq_row))
+    squares_col = as_dtype_of(col_total / rows, xx) + eps1
+    row = hoist(_relative(exp_avg_sq_row, row_total, rows).rsqrt())
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
     # pass that updates the column state also yields the RMS, and no pass over u is needed.
     weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)), across=across)
@@ -175,8 +196,10 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     ema_(m, u, 1 - beta1)
     res = u.sub_(m).pow_(2)
     ema_(exp_avg_res_row, _mean(res, -1) + eps2, 1 - beta3)
-    ema_(exp_avg_res_col, _column_mean(res, reads=2, across=across) + eps2, 1 - beta3)
-    root = (hoist(_relative(exp_avg_res_row, across).sqrt()).unsqueeze(-1)
+    res_total, res_row_total, rows = _over_shards(across, size_of(res, -2), _column_sum(res, reads=2),
+                                                  _row_sum(exp_avg_res_row))
+    ema_(exp_avg_res_col, as_dtype_of(res_total / rows, res) + eps2, 1 - beta3)
+    root = (hoist(_relative(exp_avg_res_row, res_row_total, rows).sqrt()).unsqueeze(-1)
             * hoist(exp_avg_res_col.sqrt()).unsqueeze(-2))
     return Quotient(exp_avg, _view_as(_placed_like(root, m), exp_avg), 1.0)
 
