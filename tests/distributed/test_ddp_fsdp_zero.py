@@ -6,6 +6,7 @@ The model's matrices (3x2x3x3 conv, 5x3, 7x5, 1x7) and biases (3, 5, 7, 1) do no
 and the 1x7 matrix and the bias of 1 leave rank 1 an empty shard.
 """
 import pytest
+import torch
 
 import shine
 import dist_workers as W
@@ -152,15 +153,35 @@ def test_tensor_parallel_layouts_match_single_process(suite, label):
         assert diff <= TOL, f"{label} tensor {i} {W.TP_LAYOUT[i]}: relative difference {diff:.2e}"
 
 
+#: Tensor parallelism splits the forward's matmuls, which then round otherwise than one
+#: process's; where the state is bf16 a state element can then round the other way, and the
+#: parameters move apart by more: on one and on two threads, one process's CAME with bf16 state
+#: ends 2.0e-4 apart (relative), with fp32 state 3e-7.
+BF16_STATE_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def parallel_single():
+    """:func:`dist_workers.parallel_run` in this process, on one thread as the ranks run (the
+    thread count changes the rounding of the matmuls)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {label: W.parallel_run(label) for label in LABELS}
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("label", LABELS)
-def test_parallelize_module_matches_single_process(suite, label):
+def test_parallelize_module_matches_single_process(suite, parallel_single, label):
     """Tensor parallelism as ``parallelize_module`` applies it (a ``ColwiseParallel`` layer, whose
     weight is split by rows, then a ``RowwiseParallel`` one, split by columns, beside plain
     parameters) on 2 ranks: the losses and parameters of one process."""
     result = suite["parallelize_module"][label]
     assert not isinstance(result, str), result
-    (losses, params), (want_losses, want_params) = result, W.parallel_run(label)
-    assert losses == pytest.approx(want_losses, rel=1e-5)
+    (losses, params), (want_losses, want_params) = result, parallel_single[label]
+    tol = BF16_STATE_TOL if label.endswith("-bf16-state") else TOL
+    assert losses == pytest.approx(want_losses, rel=tol)
     for name, want in want_params.items():
         diff = W.rel_diff(params[name], want)
-        assert diff < TOL, f"{label} {name}: {diff:.2e}"
+        assert diff < tol, f"{label} {name}: {diff:.2e}"
