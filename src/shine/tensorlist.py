@@ -188,9 +188,10 @@ def _by_rows(t: Tensor) -> bool:
     size of the tensor whose call compiled it (and its on-disk cache keeps the plan for later
     processes). On an H200, over GPT-2 small's tensors, C-AdamW's fused step took 20.7 ms of
     kernel time with its count of kept elements planned for a tensor of 8192 elements (19.4 ms
-    of it in the count), and 222 ms once the CUDA tests, whose tensors have a few elements, had
-    compiled it; by rows, 2.0 ms (torch's fused AdamW: 1.0 ms). Rows of a fixed length are a
-    plan that fits every size. DTensors keep their shard-wise reductions."""
+    of it in the count), and 222 ms after the CUDA tests, whose tensors have a few elements, had
+    most likely compiled it; by rows, 2.0 ms (torch's fused AdamW: 1.0 ms; measured with the last
+    row sliced off, before it was padded). Rows of a fixed length are a plan that fits every
+    size. DTensors keep their shard-wise reductions."""
     if is_dtensor(t):
         return False
     if torch.compiler.is_compiling():
