@@ -37,10 +37,10 @@ from torch import Tensor
 from .validation import warn_once
 
 try:  # torch.distributed is optional (some builds ship without it)
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None  # type: ignore[assignment,misc]
-    Replicate = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
 
 
@@ -232,11 +232,19 @@ class ShardSums:
     placements): for every tensor of a call at once, one all-reduce per sharded mesh dimension
     (replicated dimensions hold copies and are not summed). What lets a step whose whole-tensor
     quantities are sums (MARS's clip norm, caution's kept fraction, CAME's means over rows) run on
-    the local shards: a shard's sum, summed over the shards, is the whole tensor's."""
+    the local shards: a shard's sum, summed over the shards, is the whole tensor's.
 
-    def __init__(self, like: Tensor):
+    ``along``: for sums along one dim of CAME's factored view, the dim the shards split (-2: its
+    rows, -1: its columns; :meth:`splits`); ``None``: the sums are over whole tensors."""
+
+    def __init__(self, like: Tensor, along: int | None = None):
         mesh = like.device_mesh
         self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if pl.is_shard()]
+        self.along = along
+
+    def splits(self, dim: int) -> bool:
+        """Whether sums along ``dim`` of the factored view cover only a shard (and so need this)."""
+        return self.along is None or self.along == dim
 
     def __call__(self, values: Any, *sizes: Any) -> Any:
         """``values`` (a tensor, or a TensorList, one per tensor: sums of this rank's shards)
@@ -281,9 +289,10 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
       clip norm and the kept fraction are sums that a :class:`ShardSums` completes, one
       all-reduce for all the bucket's tensors; the compiled path cannot call it mid-graph, so
       those take the multi-tensor path.
-    - CAME (:attr:`~shine.engine.Pipeline.row_shardwise`) does the same where the shards split
-      the rows (FSDP2's ``Shard(0)``; :func:`_split_along_rows`), its column means, row-state
-      means and RMS completed by a :class:`ShardSums`.
+    - CAME (:attr:`~shine.engine.Pipeline.factored_shardwise`) does the same where the shards
+      split the rows of its factored view (FSDP2's ``Shard(0)``) or the columns of a matrix
+      (tensor parallelism's row-wise ``Shard(1)``; :func:`_factored_split`), its sums along the
+      split dim completed by a :class:`ShardSums`.
     - Any other bucket (MARS-Shampoo; CAME split otherwise) runs on the DTensors, whose
       reductions DTensor completes tensor by tensor, on the multi-tensor path.
 
@@ -297,35 +306,44 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
                                            and v.ndim)))
     if same and pipe.shardwise and all(pl.is_shard() or pl.is_replicate() for pl in placements):
         sums = None if pipe.elementwise else ShardSums(params[0])
-    elif pipe.row_shardwise and _split_along_rows(params, grads, states):
-        sums = ShardSums(params[0])
+    elif pipe.factored_shardwise and (along := _factored_split(params, grads, states)) is not None:
+        sums = ShardSums(params[0], along)
     else:
         return _unfused(path, fused_flag, pipe), params, grads, states, None
     return (path if sums is None else _unfused(path, fused_flag, pipe), [_local(p) for p in params],
             [_local(g) for g in grads], [{k: _local(v) for k, v in s.items()} for s in states], sums)
 
 
-def _split_along_rows(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> bool:
-    """Whether every parameter of the bucket is split along dim 0 only (placements ``Shard(0)`` or
-    ``Replicate``), its gradient and full-size state alike, and its other state tensors are
-    vectors placed like it (row statistics) or replicated (column statistics). CAME's "last2"
-    factoring of a conv kernel keeps higher-rank statistics, split along a batch dim: no."""
+def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> int | None:
+    """Which dim of CAME's factored view every parameter of the bucket is split along: -2 (the
+    rows) where all are split along dim 0 only (placements ``Shard(0)`` or ``Replicate``), their
+    gradients and full-size state alike, and their other state tensors are vectors placed like
+    them (row statistics) or replicated (column statistics); -1 (the columns) where all are
+    matrices split along dim 1 only, their row statistics replicated and their column statistics
+    split as the columns are. ``None`` otherwise: CAME's "last2" factoring of a conv kernel
+    keeps higher-rank statistics, split along a batch dim."""
     placements = params[0].placements
-    if not all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in placements):
-        return False
+    dims = {pl.dim for pl in placements if pl.is_shard()}
+    if not all(pl.is_shard() or pl.is_replicate() for pl in placements) or len(dims) != 1:
+        return None
+    along = {0: -2, 1: -1}.get(dims.pop())
+    if along is None or (along == -1 and any(p.ndim != 2 for p in params)):
+        return None
+    as_columns = tuple(Shard(0) if pl.is_shard() else pl for pl in placements)  # a column statistic's
     for p, g, state in zip(params, grads, states):
         if not (is_dtensor(p) and is_dtensor(g) and p.placements == g.placements == placements):
-            return False
+            return None
         for t in state.values():
             if not isinstance(t, Tensor) or t.ndim == 0:
                 continue
             if not is_dtensor(t):
-                return False
+                return None
+            replicated = all(pl.is_replicate() for pl in t.placements)
             full = t.shape == p.shape and t.placements == placements
-            vector = t.ndim == 1 and (t.placements == placements or all(pl.is_replicate() for pl in t.placements))
+            vector = t.ndim == 1 and (replicated or t.placements == (placements if along == -2 else as_columns))
             if not (full or vector):
-                return False
-    return True
+                return None
+    return along
 
 
 def _unfused(path: str, fused_flag: bool | None, pipe: Any) -> str:

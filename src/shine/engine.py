@@ -88,12 +88,13 @@ class Pipeline:
         return self.precondition in _ELEMENTWISE
 
     @property
-    def row_shardwise(self) -> bool:
-        """Whether, on shards split along their rows (dim 0 of a vector or matrix, the rows of
-        CAME's ``"flatten"`` view), the step is the shard of the step once its sums are completed
-        over the shards: :attr:`shardwise` pipelines, and CAME, whose preconditioner then takes
-        the :class:`~shine.distributed.ShardSums` as ``across`` for its sums over rows."""
-        return self.shardwise or self.precondition in _ROW_SUMMED
+    def factored_shardwise(self) -> bool:
+        """Whether, on shards split along the rows of CAME's factored view (dim 0 of a vector or
+        matrix, the rows of its ``"flatten"`` view) or the columns of a matrix, the step is the
+        shard of the step once its sums are completed over the shards: :attr:`shardwise`
+        pipelines, and CAME, whose preconditioner then takes the
+        :class:`~shine.distributed.ShardSums` as ``across`` for its sums along the split dim."""
+        return self.shardwise or self.precondition in _FACTORED
 
     @property
     def prepass(self) -> bool:
@@ -164,7 +165,7 @@ def _preconditioner_args(pipe: Pipeline, state: dict[str, Any]) -> list:
 
 def _preconditioner_kwargs(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: hyper[k] for k in pipe.hyper}
-    if "shard_sums" in hyper and pipe.precondition in _ROW_SUMMED:
+    if "shard_sums" in hyper and pipe.precondition in _FACTORED:
         kwargs["across"] = hyper["shard_sums"]
     return kwargs
 
@@ -451,8 +452,8 @@ _ELEMENTWISE = (rules.adamw, rules.lion, rules.sign_momentum)
 #: path hands the compiler 1-D views and one graph serves every shape. The others
 #: (factored CAME, Newton-Schulz) read the shape and get one graph per rank.
 _SHAPE_FREE = _ELEMENTWISE + (rules.came_unfactored,)
-#: Preconditioners whose sums over rows a ShardSums completes on row shards (:attr:`Pipeline.row_shardwise`).
-_ROW_SUMMED = (rules.came_factored, rules.came_unfactored)
+#: Preconditioners whose sums along a split dim a ShardSums completes (:attr:`Pipeline.factored_shardwise`).
+_FACTORED = (rules.came_factored, rules.came_unfactored)
 _BROKEN: set[Pipeline] = set()
 
 #: In a fused bucket, tensors of fewer elements than this take the multi-tensor path instead.

@@ -342,15 +342,19 @@ def job_collectives(rank: int, world: int, labels: list[str]):
     results = {}
     for label in labels:
         model = wrap(new_model(), "fsdp", world)
-        opt = make_optimizer(model, label, "fsdp")
-        train(model, opt, range(1), rank, world)
-        x, y = batch(1, rank, world)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        with counted(dist, "all_reduce") as calls:
-            opt.step()
-        results[label] = len(calls)
+        results[label] = step_collectives(model, make_optimizer(model, label, "fsdp"), rank, world)
     return results
+
+
+def step_collectives(model: nn.Module, opt, rank: int = 0, world: int = 1) -> int:
+    """The all-reduce calls of one step of ``opt``, after a first step (which makes the state)."""
+    train(model, opt, range(1), rank, world)
+    x, y = batch(1, rank, world)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    with counted(dist, "all_reduce") as calls:
+        opt.step()
+    return len(calls)
 
 
 @contextlib.contextmanager
@@ -441,23 +445,33 @@ class ParallelNet(nn.Module):
         return self.out(torch.tanh(self.down(torch.tanh(self.up(x.flatten(1))))))
 
 
-def parallel_run(label: str, mesh=None) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """:func:`train` (the whole batch on every rank) on a :class:`ParallelNet`, its ``up`` layer
-    ``ColwiseParallel`` and ``down`` layer ``RowwiseParallel`` over ``mesh`` (none without one):
-    the losses and the whole parameters after, as float64."""
+def parallel_model(mesh=None) -> ParallelNet:
+    """A :class:`ParallelNet`, its ``up`` layer ``ColwiseParallel`` and ``down`` layer
+    ``RowwiseParallel`` over ``mesh`` (none without one)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     torch.manual_seed(0)
     model = ParallelNet()
     if mesh is not None:
         parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    return model
+
+
+def parallel_run(label: str, mesh=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """:func:`train` (the whole batch on every rank) on :func:`parallel_model`: the losses and the
+    whole parameters after, as float64."""
+    model = parallel_model(mesh)
     losses = train(model, make_optimizer(model, label, "tp"), range(STEPS))
     return losses, {n: (p.full_tensor() if shine.distributed.is_dtensor(p) else p).detach().double()
                     for n, p in model.named_parameters()}
 
 
 def job_parallelize_module(rank: int, world: int, labels: list[str]):
-    """{label: parallel_run over all ranks, or the error text}."""
-    return _on_mesh(parallel_run, world, labels)
+    """{label: parallel_run over all ranks, or the error text}, and under ``"collectives"`` the
+    all-reduce calls of one CAME step of :func:`parallel_model`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    model = parallel_model(init_device_mesh("cpu", (world,)))
+    return {**_on_mesh(parallel_run, world, labels),
+            "collectives": step_collectives(model, make_optimizer(model, "came", "tp"))}
 
 
 # ---- FSDP1 flat parameters: a clear error where the math needs shapes ------------------------

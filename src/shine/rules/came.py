@@ -41,27 +41,28 @@ def _rms(t, across=None):
     return l2_norm(t) / ([math.sqrt(n) for n in sizes] if isinstance(sizes, list) else math.sqrt(sizes))
 
 
-def _mean(t, dim, keepdim=False, dtype=None):
-    """``t.mean(dim)`` written as ``sum / n`` (bitwise the same on one device), summed in
-    ``dtype`` when given (the result is then in ``dtype``). On a DTensor sharded along ``dim``
-    the sum is a ``Partial`` that costs one all-reduce of the (small) result, whereas ``mean``
-    over an unevenly sharded dim makes DTensor all-gather the whole tensor first."""
-    return t.sum(dim=dim, keepdim=keepdim, dtype=dtype) / size_of(t, dim)
+def _row_mean(t, across=None):
+    """``t.mean(-1)``, written as ``sum / n`` (bitwise the same on one device; on a DTensor split
+    along the columns the sum is a ``Partial``, one all-reduce of the small result, where ``mean``
+    over an unevenly split dim makes DTensor all-gather the whole tensor first); ``across``: see
+    :func:`_over_shards`."""
+    total, columns = _over_shards(across, -1, size_of(t, -1), t.sum(-1))
+    return total / columns
 
 
-def _over_shards(across, rows, *sums):
-    """``sums`` (each a sum over this shard's rows: a tensor, or a TensorList with one per
-    matrix) and the numbers of ``rows`` they are over, summed over the shards in one all-reduce
-    by ``across`` (a :class:`~shine.distributed.ShardSums`; the matrices are local shards split
-    along their rows); as they are without it."""
-    if across is None:
-        return (*sums, rows)
+def _over_shards(across, dim, count, *sums):
+    """``sums`` (each along ``dim`` of the factored view, -2 or -1, over this shard's part of it:
+    a tensor, or a TensorList with one per matrix) and the ``count`` of elements they are over,
+    summed over the shards in one all-reduce by ``across`` (a
+    :class:`~shine.distributed.ShardSums`) where its shards split ``dim``; as they are otherwise."""
+    if across is None or not across.splits(dim):
+        return (*sums, count)
     if not isinstance(sums[0], TensorList):
-        joined, (rows,) = across(TensorList(list(sums)), [rows])
-        return (*joined, rows)
-    joined, rows = across(TensorList([t for total in sums for t in total]), rows)
+        joined, (count,) = across(TensorList(list(sums)), [count])
+        return (*joined, count)
+    joined, count = across(TensorList([t for total in sums for t in total]), count)
     n = len(sums[0])
-    return (*(TensorList(joined.tensors[i * n:(i + 1) * n]) for i in range(len(sums))), rows)
+    return (*(TensorList(joined.tensors[i * n:(i + 1) * n]) for i in range(len(sums))), count)
 
 
 #: Rows per block of :func:`_column_sum` under the compiler, for a column pass that reads one
@@ -97,7 +98,7 @@ def _column_sum(t, reads=1):
 def _column_mean(t, reads=1, across=None):
     """``t.mean(-2)``, as ``sum / n`` (:func:`_column_sum`); ``across``: see :func:`_over_shards`
     (eager only: the compiled path never steps shards)."""
-    total, rows = _over_shards(across, size_of(t, -2), _column_sum(t, reads))
+    total, rows = _over_shards(across, -2, size_of(t, -2), _column_sum(t, reads))
     return as_dtype_of(total / rows, t)
 
 
@@ -127,8 +128,10 @@ def _view_as(t, like):
     return t.view(like.shape)
 
 
-def _mean_of_all(t):
-    return t.sum() / size_of(t)
+def _mean_of_all(t, across=None):
+    """The mean of a column vector's elements; ``across``: see :func:`_over_shards`."""
+    total, size = _over_shards(across, -1, size_of(t), t.sum())
+    return total / size
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
@@ -139,8 +142,8 @@ def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **
     return _row_statistics(x * x, eps1)
 
 
-def _row_statistics(squares, eps1):
-    return _mean(squares, -1) + eps1
+def _row_statistics(squares, eps1, across=None):
+    return _row_mean(squares, across) + eps1
 
 
 def came_factored(x, *state, **hyper):
@@ -166,10 +169,11 @@ def came_factored(x, *state, **hyper):
 def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
                    beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None, across=None):
     """:func:`came_factored` on tensors or TensorLists. ``stats``: :func:`came_row_statistics`
-    of ``x``, when already computed. ``across``: the matrices are shards split along their rows
-    (their row states split alike, their column states whole), and a
-    :class:`~shine.distributed.ShardSums` completes the sums over rows: the column means and the
-    mean of each row state. The RMS is a mean over the (whole) column vector."""
+    of ``x``, when already computed. ``across``: the matrices are shards, and a
+    :class:`~shine.distributed.ShardSums` completes the sums along the dim they split: split
+    along their rows (their row states split alike, their column states whole), the column
+    means and the mean of each row state; along their columns (row states whole, column states
+    split alike), the row means and the RMS, a mean over the column vector."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
@@ -178,10 +182,11 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     # res + eps2 up to rounding), and the clip scales the column factor, not u: three passes
     # fewer over the matrix on the eager paths.
     xx = x * x
-    ema_(exp_avg_sq_row, _row_statistics(xx, eps1) if stats is None else stats, 1 - beta2)
-    # Each sum over rows is summed over the shards by ``across``; the independent ones together,
-    # in one all-reduce: the column sums with the row state's, and the residual's likewise.
-    col_total, row_total, rows = _over_shards(across, size_of(xx, -2), _column_sum(xx), _row_sum(exp_avg_sq_row))
+    ema_(exp_avg_sq_row, _row_statistics(xx, eps1, across) if stats is None else stats, 1 - beta2)
+    # On shards each sum along the split dim is summed over them by ``across``; where the rows are
+    # split, the independent ones together: the column sums with the row state's, and the
+    # residual's likewise.
+    col_total, row_total, rows = _over_shards(across, -2, size_of(xx, -2), _column_sum(xx), _row_sum(exp_avg_sq_row))
     squares_col = as_dtype_of(col_total / rows, xx) + eps1
     row = hoist(_relative(exp_avg_sq_row, row_total, rows).rsqrt())
     # u = x * row_i * col_j, so mean(u^2) = mean_j(col_j^2 * mean_i(x^2 * row_i^2)): the column
@@ -189,14 +194,14 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)), across=across)
     ema_(exp_avg_sq_col, squares_col, 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
-    rms = _mean_of_all(col * col * weighted).sqrt()
+    rms = _mean_of_all(col * col * weighted, across).sqrt()
     col = hoist(col / (rms / clip_threshold).clamp_min(1.0))
     # placed like m (identity unless DTensor) before the in-place product with x
     u = _placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
     ema_(m, u, 1 - beta1)
     res = u.sub_(m).pow_(2)
-    ema_(exp_avg_res_row, _mean(res, -1) + eps2, 1 - beta3)
-    res_total, res_row_total, rows = _over_shards(across, size_of(res, -2), _column_sum(res, reads=2),
+    ema_(exp_avg_res_row, _row_mean(res, across) + eps2, 1 - beta3)
+    res_total, res_row_total, rows = _over_shards(across, -2, size_of(res, -2), _column_sum(res, reads=2),
                                                   _row_sum(exp_avg_res_row))
     ema_(exp_avg_res_col, as_dtype_of(res_total / rows, res) + eps2, 1 - beta3)
     root = (hoist(_relative(exp_avg_res_row, res_row_total, rows).sqrt()).unsqueeze(-1)
