@@ -324,9 +324,9 @@ def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict
     keeps higher-rank statistics, split along a batch dim."""
     placements = params[0].placements
     dims = {pl.dim for pl in placements if pl.is_shard()}
-    if not all(pl.is_shard() or pl.is_replicate() for pl in placements) or len(dims) != 1:
+    if not all(pl.is_shard() or pl.is_replicate() for pl in placements) or len(dims) > 1:
         return None
-    along = {0: -2, 1: -1}.get(dims.pop())
+    along = {0: -2, 1: -1}.get(dims.pop()) if dims else -2  # replicated everywhere: nothing to sum
     if along is None or (along == -1 and any(p.ndim != 2 for p in params)):
         return None
     as_columns = tuple(Shard(0) if pl.is_shard() else pl for pl in placements)  # a column statistic's
