@@ -106,7 +106,7 @@ class TensorList:
     def abs(self): return TensorList(torch._foreach_abs(self.tensors))
     def clamp_min(self, o): return self._binary(torch._foreach_clamp_min, o)
     def clamp_min_(self, o): torch._foreach_clamp_min_(self.tensors, self._operand(o)); return self
-    def norm(self, p=2): return TensorList(torch._foreach_norm(self.tensors, p))
+    def norm(self, p=2, dtype=None): return TensorList(torch._foreach_norm(self.tensors, p, dtype=dtype))
 
     # ---- everything else: one call per element -------------------------------------
     def __getattr__(self, name: str):
