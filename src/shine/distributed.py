@@ -42,6 +42,10 @@ except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = Shard = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
+try:  # FSDP2's placement over tensor parallelism's Shard of the same dim (private; absent in older torch)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover - depends on the torch build
+    _StridedShard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -223,6 +227,14 @@ def grad_norm(grads: list[Tensor], norm: Callable[[list[Tensor]], float]) -> flo
     return math.sqrt(total)
 
 
+def _splits(placement: Any) -> bool:
+    """Whether ``placement`` splits a tensor dim over its mesh dim, each rank holding a part:
+    ``Shard``, or the ``_StridedShard`` that FSDP2 places over tensor parallelism's ``Shard`` of
+    the same dim (which torch does not count as a ``Shard``: summed as one, the global gradient
+    norm of FSDP2 over tensor parallelism left out the other ranks' parts, 0.785 for 0.791)."""
+    return placement.is_shard() or (_StridedShard is not None and isinstance(placement, _StridedShard))
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
@@ -239,7 +251,7 @@ class ShardSums:
 
     def __init__(self, like: Tensor, along: int | None = None):
         mesh = like.device_mesh
-        self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if pl.is_shard()]
+        self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if _splits(pl)]
         self.along = along
 
     def splits(self, dim: int) -> bool:
@@ -304,7 +316,7 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
     same = all(is_dtensor(t) and t.placements == placements
                for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
                                            and v.ndim)))
-    if same and pipe.shardwise and all(pl.is_shard() or pl.is_replicate() for pl in placements):
+    if same and pipe.shardwise and all(_splits(pl) or pl.is_replicate() for pl in placements):
         sums = None if pipe.elementwise else ShardSums(params[0])
     elif pipe.factored_shardwise and (along := _factored_split(params, grads, states)) is not None:
         sums = ShardSums(params[0], along)
@@ -323,13 +335,13 @@ def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict
     split as the columns are. ``None`` otherwise: CAME's "last2" factoring of a conv kernel
     keeps higher-rank statistics, split along a batch dim."""
     placements = params[0].placements
-    dims = {pl.dim for pl in placements if pl.is_shard()}
-    if not all(pl.is_shard() or pl.is_replicate() for pl in placements) or len(dims) > 1:
+    dims = {pl.dim for pl in placements if _splits(pl)}
+    if not all(_splits(pl) or pl.is_replicate() for pl in placements) or len(dims) > 1:
         return None
     along = {0: -2, 1: -1}.get(dims.pop()) if dims else -2  # replicated everywhere: nothing to sum
     if along is None or (along == -1 and any(p.ndim != 2 for p in params)):
         return None
-    as_columns = tuple(Shard(0) if pl.is_shard() else pl for pl in placements)  # a column statistic's
+    as_columns = tuple(Shard(0) if _splits(pl) else pl for pl in placements)  # a column statistic's
     for p, g, state in zip(params, grads, states):
         if not (is_dtensor(p) and is_dtensor(g) and p.placements == g.placements == placements):
             return None

@@ -383,9 +383,13 @@ def job_orthogonalisations(rank: int, world: int, mode: str = "fsdp"):
 
 
 def job_hybrid(rank: int, world: int, cases: list[tuple[str, str]]):
-    """The HSDP cases of test_ddp_fsdp_zero in one process group."""
+    """The 4-rank cases of test_ddp_fsdp_zero in one process group: HSDP, and FSDP2 over tensor
+    parallelism on a 2x2 mesh (:func:`fsdp_tp_run`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
     return {"equivalence": job_equivalence(rank, world, cases),
-            "orthogonalisations": job_orthogonalisations(rank, world, "hsdp")}
+            "orthogonalisations": job_orthogonalisations(rank, world, "hsdp"),
+            "fsdp_tp": _on_mesh(fsdp_tp_run, mesh, sorted({label for label, _ in cases}))}
 
 
 # ---- tensor-parallel placements: Shard(0) and Shard(1) in one bucket ---------------------------
@@ -413,13 +417,12 @@ def tp_run(label: str, mesh=None) -> list[torch.Tensor]:
 
 def job_tensor_parallel(rank: int, world: int, labels: list[str]):
     """{label: tp_run over all ranks, or the error text}."""
-    return _on_mesh(tp_run, world, labels)
-
-
-def _on_mesh(run: Callable, world: int, labels: list[str]) -> dict[str, Any]:
-    """{label: ``run(label, mesh)`` on a 1-D mesh of all ranks, or the error text}."""
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
+    return _on_mesh(tp_run, init_device_mesh("cpu", (world,)), labels)
+
+
+def _on_mesh(run: Callable, mesh, labels: list[str]) -> dict[str, Any]:
+    """{label: ``run(label, mesh)``, or the error text}."""
     results = {}
     for label in labels:
         try:
@@ -465,12 +468,27 @@ def parallel_run(label: str, mesh=None) -> tuple[list[float], dict[str, torch.Te
                     for n, p in model.named_parameters()}
 
 
+def fsdp_tp_run(label: str, mesh) -> dict[str, torch.Tensor]:
+    """FSDP2 over tensor parallelism on a 2-D mesh ``("dp", "tp")``: :func:`parallel_model` over
+    ``"tp"``, its layers and root then ``fully_shard`` over ``"dp"`` (the row-wise layer's weight
+    is split along both dims), each ``"dp"`` rank training on its half of the batch. The whole
+    parameters after, as float64 (``train``'s losses are averaged over all ranks, not kept)."""
+    from torch.distributed.fsdp import fully_shard
+    model = parallel_model(mesh["tp"])
+    for layer in (model.up, model.down, model.out):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    train(model, make_optimizer(model, label, "tp"), range(STEPS), mesh["dp"].get_local_rank(), mesh["dp"].size())
+    return {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
+
+
 def job_parallelize_module(rank: int, world: int, labels: list[str]):
     """{label: parallel_run over all ranks, or the error text}, and under ``"collectives"`` the
     all-reduce calls of one CAME step of :func:`parallel_model`."""
     from torch.distributed.device_mesh import init_device_mesh
-    model = parallel_model(init_device_mesh("cpu", (world,)))
-    return {**_on_mesh(parallel_run, world, labels),
+    model_mesh = init_device_mesh("cpu", (world,))
+    model = parallel_model(model_mesh)
+    return {**_on_mesh(parallel_run, model_mesh, labels),
             "collectives": step_collectives(model, make_optimizer(model, "came", "tp"))}
 
 

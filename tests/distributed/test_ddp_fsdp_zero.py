@@ -51,7 +51,8 @@ def single():
 
 @pytest.fixture(scope="module")
 def hybrid():
-    """HSDP on 4 ranks: sharded over pairs, replicated across them (sums over the shards only)."""
+    """4 ranks: HSDP, sharded over pairs and replicated across them (sums over the shards only),
+    and FSDP2 over tensor parallelism on a 2x2 mesh."""
     return W.launch(W.job_hybrid, 4, [(label, "hsdp") for label in LABELS])
 
 
@@ -197,3 +198,16 @@ def test_came_steps_column_split_matrices_on_their_shards(suite):
     the RMS of the row-split bias. (Stepped on the DTensors, the column-split weight adds none
     of these: DTensor completes its reductions with collectives of its own, not counted here.)"""
     assert suite["parallelize_module"]["collectives"] == 8
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_fsdp_over_tensor_parallelism_matches_single_process(hybrid, parallel_single, label):
+    """FSDP2 over ``parallelize_module``'s layers on a 2x2 mesh, the 2-D recipe of large-model
+    training: placements ``(_StridedShard(0), Shard(0))`` for the column-wise layer's weight,
+    ``(Shard(0), Shard(1))`` for the row-wise one's. The parameters of one process."""
+    result = hybrid["fsdp_tp"][label]
+    assert not isinstance(result, str), result
+    tol = BF16_STATE_TOL if label.endswith("-bf16-state") else TOL
+    for name, want in parallel_single[label][1].items():
+        diff = W.rel_diff(result[name], want)
+        assert diff < tol, f"{label} {name}: {diff:.2e}"
