@@ -246,32 +246,35 @@ class ShardSums:
     quantities are sums (MARS's clip norm, caution's kept fraction, CAME's means over rows) run on
     the local shards: a shard's sum, summed over the shards, is the whole tensor's.
 
-    ``along``: for sums along one dim of CAME's factored view, the dim the shards split (-2: its
-    rows, -1: its columns; :meth:`splits`); ``None``: the sums are over whole tensors."""
+    For CAME's sums along one dim of its factored view, each sharded mesh dimension splits the
+    view's rows (a tensor dim 0: -2) or its columns (a matrix's dim 1: -1); such a sum is
+    completed over the mesh dimensions that split its dim only (:meth:`splits`, ``along``)."""
 
-    def __init__(self, like: Tensor, along: int | None = None):
+    def __init__(self, like: Tensor):
         mesh = like.device_mesh
-        self.groups = [mesh.get_group(dim) for dim, pl in enumerate(like.placements) if _splits(pl)]
-        self.along = along
+        self.groups = [(mesh.get_group(dim), -2 if pl.dim == 0 else -1)
+                       for dim, pl in enumerate(like.placements) if _splits(pl)]
 
     def splits(self, dim: int) -> bool:
         """Whether sums along ``dim`` of the factored view cover only a shard (and so need this)."""
-        return self.along is None or self.along == dim
+        return any(along == dim for _, along in self.groups)
 
-    def __call__(self, values: Any, *sizes: Any) -> Any:
+    def __call__(self, values: Any, *sizes: Any, along: int | None = None) -> Any:
         """``values`` (a tensor, or a TensorList, one per tensor: sums of this rank's shards)
-        summed over the shards; with ``sizes`` (each an int, or with a TensorList a list of ints:
-        how many elements those sums are over), the tuple of ``values`` and the sizes, summed
-        too, as 0-d tensors in the dtype of ``values``. In float64. Every rank must make the same
-        calls in the same order."""
+        summed over the shards (over those that split ``along``, a dim of the factored view,
+        where given); with ``sizes`` (each an int, or with a TensorList a list of ints: how many
+        elements those sums are over), the tuple of ``values`` and the sizes, summed too, as 0-d
+        tensors in the dtype of ``values``. In float64. Every rank must make the same calls in
+        the same order."""
         single = isinstance(values, Tensor)
         tensors = [values] if single else list(values)
         numbers = [x for column in sizes for x in ([column] if single else column)]
         buffer = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
         if numbers:
             buffer = torch.cat([buffer, _on_device(torch.tensor(numbers, dtype=torch.float64), buffer.device)])
-        for group in self.groups:
-            torch.distributed.all_reduce(buffer, group=group)
+        for group, splits in self.groups:
+            if along is None or splits == along:
+                torch.distributed.all_reduce(buffer, group=group)
         parts = buffer.to(tensors[0].dtype).split([t.numel() for t in tensors] + [1 if single else len(c) for c in sizes])
         columns = [[part.view(t.shape) for part, t in zip(parts, tensors)]]
         columns += [list(part.unbind()) for part in parts[len(tensors):]]
@@ -302,9 +305,9 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
       all-reduce for all the bucket's tensors; the compiled path cannot call it mid-graph, so
       those take the multi-tensor path.
     - CAME (:attr:`~shine.engine.Pipeline.factored_shardwise`) does the same where the shards
-      split the rows of its factored view (FSDP2's ``Shard(0)``) or the columns of a matrix
-      (tensor parallelism's row-wise ``Shard(1)``; :func:`_factored_split`), its sums along the
-      split dim completed by a :class:`ShardSums`.
+      split the rows of its factored view (FSDP2's ``Shard(0)``), the columns of a matrix
+      (tensor parallelism's row-wise ``Shard(1)``), or both (:func:`_factored_split`), its sums
+      along a split dim completed by a :class:`ShardSums`.
     - Any other bucket (MARS-Shampoo; CAME split otherwise) runs on the DTensors, whose
       reductions DTensor completes tensor by tensor, on the multi-tensor path.
 
@@ -318,44 +321,40 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
                                            and v.ndim)))
     if same and pipe.shardwise and all(_splits(pl) or pl.is_replicate() for pl in placements):
         sums = None if pipe.elementwise else ShardSums(params[0])
-    elif pipe.factored_shardwise and (along := _factored_split(params, grads, states)) is not None:
-        sums = ShardSums(params[0], along)
+    elif pipe.factored_shardwise and _factored_split(params, grads, states):
+        sums = ShardSums(params[0])
     else:
         return _unfused(path, fused_flag, pipe), params, grads, states, None
     return (path if sums is None else _unfused(path, fused_flag, pipe), [_local(p) for p in params],
             [_local(g) for g in grads], [{k: _local(v) for k, v in s.items()} for s in states], sums)
 
 
-def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> int | None:
-    """Which dim of CAME's factored view every parameter of the bucket is split along: -2 (the
-    rows) where all are split along dim 0 only (placements ``Shard(0)`` or ``Replicate``), their
-    gradients and full-size state alike, and their other state tensors are vectors placed like
-    them (row statistics) or replicated (column statistics); -1 (the columns) where all are
-    matrices split along dim 1 only, their row statistics replicated and their column statistics
-    split as the columns are. ``None`` otherwise: CAME's "last2" factoring of a conv kernel
-    keeps higher-rank statistics, split along a batch dim."""
+def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether CAME can step the bucket's local shards: every parameter split along dim 0 (the
+    rows of its factored view), along dim 1 of a matrix (its columns), or both (FSDP2 over
+    tensor parallelism's row-wise layers), over mesh dims that are otherwise replicated; its
+    gradient and full-size state placed alike; its row statistics split as the rows are and its
+    column statistics as the columns are. Not so for CAME's "last2" factoring of a conv kernel,
+    whose higher-rank statistics are split along a batch dim."""
     placements = params[0].placements
     dims = {pl.dim for pl in placements if _splits(pl)}
-    if not all(_splits(pl) or pl.is_replicate() for pl in placements) or len(dims) > 1:
-        return None
-    along = {0: -2, 1: -1}.get(dims.pop()) if dims else -2  # replicated everywhere: nothing to sum
-    if along is None or (along == -1 and any(p.ndim != 2 for p in params)):
-        return None
-    as_columns = tuple(Shard(0) if _splits(pl) else pl for pl in placements)  # a column statistic's
+    if (not all(_splits(pl) or pl.is_replicate() for pl in placements) or not dims <= {0, 1}
+            or (1 in dims and any(p.ndim != 2 for p in params))):
+        return False
+    rows = tuple(pl if _splits(pl) and pl.dim == 0 else Replicate() for pl in placements)
+    columns = tuple(Shard(0) if _splits(pl) and pl.dim == 1 else Replicate() for pl in placements)
     for p, g, state in zip(params, grads, states):
         if not (is_dtensor(p) and is_dtensor(g) and p.placements == g.placements == placements):
-            return None
+            return False
         for t in state.values():
             if not isinstance(t, Tensor) or t.ndim == 0:
                 continue
             if not is_dtensor(t):
-                return None
-            replicated = all(pl.is_replicate() for pl in t.placements)
+                return False
             full = t.shape == p.shape and t.placements == placements
-            vector = t.ndim == 1 and (replicated or t.placements == (placements if along == -2 else as_columns))
-            if not (full or vector):
-                return None
-    return along
+            if not (full or (t.ndim == 1 and t.placements in (rows, columns))):
+                return False
+    return True
 
 
 def _unfused(path: str, fused_flag: bool | None, pipe: Any) -> str:

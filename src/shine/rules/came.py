@@ -58,9 +58,9 @@ def _over_shards(across, dim, count, *sums):
     if across is None or not across.splits(dim):
         return (*sums, count)
     if not isinstance(sums[0], TensorList):
-        joined, (count,) = across(TensorList(list(sums)), [count])
+        joined, (count,) = across(TensorList(list(sums)), [count], along=dim)
         return (*joined, count)
-    joined, count = across(TensorList([t for total in sums for t in total]), count)
+    joined, count = across(TensorList([t for total in sums for t in total]), count, along=dim)
     n = len(sums[0])
     return (*(TensorList(joined.tensors[i * n:(i + 1) * n]) for i in range(len(sums))), count)
 
@@ -177,7 +177,8 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     :class:`~shine.distributed.ShardSums` completes the sums along the dim they split: split
     along their rows (their row states split alike, their column states whole), the column
     means and the mean of each row state; along their columns (row states whole, column states
-    split alike), the row means and the RMS, a mean over the column vector."""
+    split alike), the row means and the RMS, a mean over the column vector; along both, each
+    sum over the shards that split its dim."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
