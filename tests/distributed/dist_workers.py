@@ -464,8 +464,7 @@ def parallel_run(label: str, mesh=None) -> tuple[list[float], dict[str, torch.Te
     whole parameters after, as float64."""
     model = parallel_model(mesh)
     losses = train(model, make_optimizer(model, label, "tp"), range(STEPS))
-    return losses, {n: (p.full_tensor() if shine.distributed.is_dtensor(p) else p).detach().double()
-                    for n, p in model.named_parameters()}
+    return losses, full_params(model)
 
 
 def fsdp_tp_run(label: str, mesh) -> dict[str, torch.Tensor]:
@@ -479,7 +478,7 @@ def fsdp_tp_run(label: str, mesh) -> dict[str, torch.Tensor]:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     train(model, make_optimizer(model, label, "tp"), range(STEPS), mesh["dp"].get_local_rank(), mesh["dp"].size())
-    return {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
+    return full_params(model)
 
 
 def job_parallelize_module(rank: int, world: int, labels: list[str]):

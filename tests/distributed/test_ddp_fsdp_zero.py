@@ -181,11 +181,19 @@ def test_parallelize_module_matches_single_process(suite, parallel_single, label
     result = suite["parallelize_module"][label]
     assert not isinstance(result, str), result
     (losses, params), (want_losses, want_params) = result, parallel_single[label]
-    tol = BF16_STATE_TOL if label.endswith("-bf16-state") else TOL
-    assert losses == pytest.approx(want_losses, rel=tol)
+    assert losses == pytest.approx(want_losses, rel=_parallel_tol(label))
+    _assert_parallel_params(label, params, want_params)
+
+
+def _parallel_tol(label):
+    return BF16_STATE_TOL if label.endswith("-bf16-state") else TOL
+
+
+def _assert_parallel_params(label, params, want_params):
+    """Each of ``params`` within :func:`_parallel_tol` of one process's (relative)."""
     for name, want in want_params.items():
         diff = W.rel_diff(params[name], want)
-        assert diff < tol, f"{label} {name}: {diff:.2e}"
+        assert diff < _parallel_tol(label), f"{label} {name}: {diff:.2e}"
 
 
 def test_came_steps_column_split_matrices_on_their_shards(suite):
@@ -207,7 +215,4 @@ def test_fsdp_over_tensor_parallelism_matches_single_process(hybrid, parallel_si
     ``(Shard(0), Shard(1))`` for the row-wise one's. The parameters of one process."""
     result = hybrid["fsdp_tp"][label]
     assert not isinstance(result, str), result
-    tol = BF16_STATE_TOL if label.endswith("-bf16-state") else TOL
-    for name, want in parallel_single[label][1].items():
-        diff = W.rel_diff(result[name], want)
-        assert diff < tol, f"{label} {name}: {diff:.2e}"
+    _assert_parallel_params(label, result, parallel_single[label][1])
