@@ -235,6 +235,12 @@ def _splits(placement: Any) -> bool:
     return placement.is_shard() or (_StridedShard is not None and isinstance(placement, _StridedShard))
 
 
+def _splits_or_copies(placements: Sequence[Any]) -> bool:
+    """Whether every mesh dim either splits the tensor (:func:`_splits`) or holds a copy of it:
+    no ``Partial``, so each rank's local values are its part of the whole tensor."""
+    return all(_splits(pl) or pl.is_replicate() for pl in placements)
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
@@ -319,7 +325,7 @@ def localise(path: str, fused_flag: bool | None, pipe: Any, params: list[Tensor]
     same = all(is_dtensor(t) and t.placements == placements
                for t in (*params, *grads, *(v for s in states for v in s.values() if isinstance(v, Tensor)
                                            and v.ndim)))
-    if same and pipe.shardwise and all(_splits(pl) or pl.is_replicate() for pl in placements):
+    if same and pipe.shardwise and _splits_or_copies(placements):
         sums = None if pipe.elementwise else ShardSums(params[0])
     elif pipe.factored_shardwise and _factored_split(params, grads, states):
         sums = ShardSums(params[0])
@@ -338,7 +344,7 @@ def _factored_split(params: list[Tensor], grads: list[Tensor], states: list[dict
     whose higher-rank statistics are split along a batch dim."""
     placements = params[0].placements
     dims = {pl.dim for pl in placements if _splits(pl)}
-    if (not all(_splits(pl) or pl.is_replicate() for pl in placements) or not dims <= {0, 1}
+    if (not _splits_or_copies(placements) or not dims <= {0, 1}
             or (1 in dims and any(p.ndim != 2 for p in params))):
         return False
     rows = tuple(pl if _splits(pl) and pl.dim == 0 else Replicate() for pl in placements)

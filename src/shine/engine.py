@@ -90,8 +90,8 @@ class Pipeline:
     @property
     def factored_shardwise(self) -> bool:
         """Whether, on shards split along the rows of CAME's factored view (dim 0 of a vector or
-        matrix, the rows of its ``"flatten"`` view) or the columns of a matrix, the step is the
-        shard of the step once its sums are completed over the shards: :attr:`shardwise`
+        matrix, the rows of its ``"flatten"`` view), the columns of a matrix, or both, the step is
+        the shard of the step once its sums are completed over the shards: :attr:`shardwise`
         pipelines, and CAME, whose preconditioner then takes the
         :class:`~shine.distributed.ShardSums` as ``across`` for its sums along the split dim."""
         return self.shardwise or self.precondition in _FACTORED
