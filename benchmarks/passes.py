@@ -1,5 +1,5 @@
-"""How many operations an eager optimizer step dispatches, how many bytes they touch, and how
-many kernel launches they would make on a GPU.
+"""How many operations an eager optimizer step dispatches, how many bytes they touch, how
+many kernel launches they would make on a GPU, and how often it waits for the device.
 
 On a GPU the multi-tensor path (``fused=None`` there) is bound by its kernels' memory traffic
 and by the host time of launching them; both are counted here, on any machine, with a torch
@@ -7,7 +7,9 @@ dispatch mode: every operation that moves data (views excluded) counts once (a f
 operation launches one or a few kernels for the whole list), and touches the bytes of every
 tensor it reads plus those it writes (its outputs, or the tensors it updates in place). The
 bytes are a traffic model (each operation reads its inputs from memory), not a measurement,
-and are given in 4-byte words per parameter. ``--form gpu`` forces the form the rules take
+and are given in 4-byte words per parameter. A synchronisation is a read of a value on the host
+(``.item()``, ``bool()``, the per-tensor scales of ``tensorlist.host_values``): on a GPU the host
+then waits for every kernel queued before it. ``--form gpu`` forces the form the rules take
 where kernel launches cost host time (``tensorlist.PER_TENSOR_DEVICES`` emptied, one group per
 bucket); ``--form cpu`` is the CPU's (per-tensor kernels for caution's mask and CAME's passes).
 
@@ -28,19 +30,37 @@ from shine import bench, create_optimizer, engine, list_optimizers, tensorlist  
 
 
 class Traffic(TorchDispatchMode):
-    """Counts the data-moving operations dispatched under it, the bytes they touch, and the kernel
+    """Counts the data-moving operations dispatched under it, the bytes they touch, the kernel
     launches they would make on a GPU (``launches``): one for a foreach operation whose lists match
     tensor by tensor in shape, one per tensor where they do not (torch's per-tensor fallback, as for
     a list of 0-d scale tensors or a broadcast), one for any other operation; a foreach launch
     covers a bounded number of tensors and blocks, so very long lists and large tensors take a few
-    more, not counted here."""
+    more, not counted here. And ``syncs``: the reads of values on the host (``item()``, ``bool()``,
+    :func:`shine.tensorlist.host_values`), except of the tensors in ``on_host`` (step counters,
+    which stay on the host whatever the device)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_host: tuple[torch.Tensor, ...] = ()) -> None:
         super().__init__()
-        self.ops, self.bytes, self.launches = 0, 0, 0
+        self.ops, self.bytes, self.launches, self.syncs = 0, 0, 0, 0
+        self.on_host = {id(t) for t in on_host}
+
+    def __enter__(self):
+        self._host_values = tensorlist.host_values
+
+        def counted(x):
+            self.syncs += 1
+            return self._host_values(x)
+        tensorlist.host_values = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        tensorlist.host_values = self._host_values
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func._schema.name == "aten::_local_scalar_dense" and id(args[0]) not in self.on_host:
+            self.syncs += 1
         if func.is_view or func._schema.name in ("aten::lift_fresh", "aten::_local_scalar_dense"):
             return out
         reads = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -67,14 +87,16 @@ def _launches(func, args) -> int:
     return 1 if all([t.shape for t in other] == shapes for other in lists[1:]) else len(shapes)
 
 
-def count(build, params) -> tuple[int, int, float]:
-    """(operations, GPU launches, words per parameter) of the third step of ``build()`` on ``params``."""
+def count(build, params) -> tuple[int, int, int, float]:
+    """(operations, GPU launches, synchronisations, words per parameter) of the third step of
+    ``build()`` on ``params``."""
     opt = build()
     for _ in range(2):
         opt.step()
-    with Traffic() as traffic:
+    steps = tuple(s["step"] for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor))
+    with Traffic(on_host=steps) as traffic:
         opt.step()
-    return traffic.ops, traffic.launches, traffic.bytes / 4 / sum(p.numel() for p in params)
+    return traffic.ops, traffic.launches, traffic.syncs, traffic.bytes / 4 / sum(p.numel() for p in params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = (lambda n: lambda: create_optimizer(params, n, fused=False, nonfinite=args.nonfinite))(name)
     print(f"{len(params)} tensors, {sum(p.numel() for p in params):,} parameters, {args.form} form, "
           f"multi-tensor path, nonfinite={args.nonfinite}")
-    print(f"{'optimizer':28s} {'operations':>10s} {'launches':>9s} {'words/param':>12s}")
+    print(f"{'optimizer':28s} {'operations':>10s} {'launches':>9s} {'syncs':>6s} {'words/param':>12s}")
     for name, build in rows.items():
-        ops, launches, words = count(build, params)
-        print(f"{name:28s} {ops:10d} {launches:9d} {words:12.1f}")
+        ops, launches, syncs, words = count(build, params)
+        print(f"{name:28s} {ops:10d} {launches:9d} {syncs:6d} {words:12.1f}")
 
 
 if __name__ == "__main__":

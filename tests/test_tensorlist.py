@@ -123,6 +123,36 @@ def test_sizes_and_where_multi_tensor_kernels_are_preferred(monkeypatch):
     assert multi_tensor_preferred(TensorList(a))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_per_tensor_scales_go_to_the_host_once_where_launches_cost(dtype, monkeypatch):
+    """Where launches cost host time, a list of 0-d tensors as an operand (a scale per tensor)
+    reaches the multi-tensor kernel of an fp32 or fp64 list as numbers, read in one copy to the
+    host: the same bits as torch's tensor-by-tensor fallback, which the CPU form (and
+    ``HOST_SCALARS = False``) keeps, and bf16 lists too (a number would not be rounded to bf16)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=g).to(dtype) for s in [(5,), (3, 4), (2, 3, 2)]]
+    scales = TensorList([torch.rand((), generator=g) + 0.5 for _ in tensors])
+    reads = []
+    monkeypatch.setattr(tensorlist, "host_values", lambda x: reads.append(x) or torch.stack(x.tensors).tolist())
+
+    def results():
+        tl = TensorList([t.clone() for t in tensors])
+        return [*(tl * scales), *(tl / scales), *(tl - scales), *tl.clamp_min(scales), *tl.mul_(scales).div_(scales)]
+    fallback = results()
+    assert not reads  # the CPU form
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_DEVICES", frozenset())
+    for a, b in zip(results(), fallback):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(reads) == (0 if dtype == torch.bfloat16 else 6)
+    if dtype == torch.bfloat16:
+        return
+    monkeypatch.setattr(tensorlist, "HOST_SCALARS", False)
+    results()
+    assert len(reads) == 6
+    both = TensorList([torch.tensor(2.0), torch.tensor(3.0)])  # 0-d tensors scaled by 0-d tensors: kernels match
+    assert [t.item() for t in both * both] == [4.0, 9.0] and len(reads) == 6
+
+
 @pytest.mark.parametrize("shape", [(2000, 1000), (3, 400_000), (3_000_001,)], ids=["rows", "long rows", "1-D"])
 def test_sum_of_squares_and_norm_are_accurate_on_large_tensors(shape):
     """By the tensor's rows, by blocks of long rows and of a 1-D tensor (with a remainder): within

@@ -53,11 +53,15 @@ class TensorList:
         number and 1.5 us with a 0-d tensor (in place: 2.7 against 0.8). Making the 0-d tensor
         costs about 3.7 us, so a list of one or two tensors keeps the number (a layer-wise lr
         decay gives each group its own bucket, often of one tensor). In fp32 and fp64 the number
-        enters the arithmetic in the tensors' dtype either way, so the results are the same bits."""
+        enters the arithmetic in the tensors' dtype either way, so the results are the same bits.
+        (Not in the GPU form forced on the CPU, ``PER_TENSOR_DEVICES`` emptied: as on a GPU, a
+        number stays a number there, and reading a 0-d tensor's value is no synchronisation.)"""
         if isinstance(x, (int, float)) and not isinstance(x, bool) and len(self.tensors) > 2:
             t = self.tensors[0]
-            if t.device.type == "cpu" and t.dtype in _EXACT_0D_DTYPES and not is_dtensor(t):
+            if t.device.type == "cpu" and "cpu" in PER_TENSOR_DEVICES and t.dtype in _EXACT_0D_DTYPES and not is_dtensor(t):
                 return torch.tensor(x, dtype=t.dtype)
+        if isinstance(x, TensorList) and HOST_SCALARS and _scalars_for(x, self):
+            return host_values(x)
         return self._arg(x)
 
     def _binary(self, op: Callable, other: _Operand) -> "TensorList":
@@ -133,6 +137,31 @@ def multi_tensor_preferred(x: Any) -> bool:
     """Whether ``x`` is a TensorList on a device where kernel launches cost host time (not in
     :data:`PER_TENSOR_DEVICES`): the rules then take multi-tensor kernels over per-tensor ones."""
     return isinstance(x, TensorList) and bool(x.tensors) and x.tensors[0].device.type not in PER_TENSOR_DEVICES
+
+
+#: Whether a TensorList operand of 0-d tensors (a scale per tensor: caution's kept fraction,
+#: MARS's clip, CAME's) goes to a multi-tensor kernel as numbers, copied to the host at once (one
+#: synchronisation), where launches cost host time (:func:`multi_tensor_preferred`). torch's
+#: multi-tensor kernels take a list of 0-d tensors only tensor by tensor: a launch per tensor,
+#: which was most of the launches that caution adds to a GPU step (148 of 160 for C-AdamW on
+#: GPT-2 small). The numbers are the tensors' values, so the results are the same bits; but only
+#: on fp32 and fp64 lists: a bf16 or fp16 list takes a 0-d float32 tensor rounded to its own
+#: dtype, and a number unrounded.
+HOST_SCALARS = True
+
+
+def _scalars_for(x: TensorList, like: TensorList) -> bool:
+    """Whether ``x`` is one 0-d tensor per tensor of ``like``, and :data:`HOST_SCALARS` applies:
+    ``like`` is an fp32 or fp64 list on a device where launches cost host time, and neither
+    holds DTensors."""
+    return (multi_tensor_preferred(like) and len(x) == len(like) and like.tensors[0].dtype in _EXACT_0D_DTYPES
+            and all(t.ndim == 0 and not is_dtensor(t) for t in x.tensors)
+            and not all(t.ndim == 0 for t in like.tensors) and not is_dtensor(like.tensors[0]))
+
+
+def host_values(x: TensorList) -> list:
+    """The values of a list of 0-d tensors as Python numbers: one copy to the host, one synchronisation."""
+    return torch.stack(x.tensors).tolist()
 
 
 def size_of(t: Any, dim: int | None = None):

@@ -19,13 +19,28 @@ def test_traffic_counts_reads_writes_and_in_place_updates(passes):
 
 def test_multi_tensor_adamw_moves_less_than_torchs(passes, capsys, monkeypatch):
     """In the GPU form, shine's multi-tensor AdamW dispatches 7 operations (its direction a
-    quotient added in one ``addcdiv_``) and touches fewer bytes than torch's foreach AdamW. MARS's
-    clip norm is one multi-tensor kernel there, not one per tensor (26 launches, not 50)."""
+    quotient added in one ``addcdiv_``), never waits for the device, and touches fewer bytes than
+    torch's foreach AdamW. Caution's kept fractions and MARS's clips, a 0-d tensor per tensor,
+    are scaled in one multi-tensor kernel after one synchronisation, not in a launch per tensor:
+    each of their operations is one launch."""
     monkeypatch.setattr(tensorlist, "PER_TENSOR_DEVICES", tensorlist.PER_TENSOR_DEVICES)  # main() changes them
     monkeypatch.setattr(engine, "FOREACH_GROUP_NUMEL", engine.FOREACH_GROUP_NUMEL)
-    passes.main(["--form", "gpu", "--only", "adamw", "mars-adamw", "came"])
+    passes.main(["--form", "gpu", "--only", "adamw", "c-adamw", "mars-adamw", "came"])
     rows = {line[:28].strip(): line[28:].split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert rows["adamw"][:2] == ["7", "7"]  # operations, GPU launches
-    assert float(rows["adamw"][2]) < float(rows["torch AdamW(foreach=True)"][2])
-    assert int(rows["mars-adamw"][1]) <= 26
-    assert set(rows) == {"torch AdamW(foreach=True)", "torch AdamW(fused=True)", "adamw", "mars-adamw", "came"}
+    assert rows["adamw"][:3] == ["7", "7", "0"]  # operations, GPU launches, synchronisations
+    assert float(rows["adamw"][3]) < float(rows["torch AdamW(foreach=True)"][3])
+    for name in ("c-adamw", "mars-adamw"):
+        assert rows[name][0] == rows[name][1] and rows[name][2] == "1"
+    assert set(rows) == {"torch AdamW(foreach=True)", "torch AdamW(fused=True)", "adamw", "c-adamw", "mars-adamw",
+                         "came"}
+
+
+def test_traffic_counts_synchronisations_but_not_step_counters(passes):
+    """A value read on the host is a synchronisation (``item()``, :func:`shine.tensorlist.host_values`),
+    except from the tensors named host-resident (step counters)."""
+    step, x = torch.tensor(3.0), torch.ones(4)
+    with passes.Traffic(on_host=(step,)) as traffic:
+        step.item()
+        x.sum().item()
+        tensorlist.host_values(tensorlist.TensorList([x.sum(), x.amax()]))
+    assert traffic.syncs == 2
