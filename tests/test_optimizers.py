@@ -1,6 +1,7 @@
 """The torch.optim.Optimizer contract for every shine optimizer: checkpoints, schedulers, hooks, errors."""
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -70,6 +71,57 @@ def test_state_dict_resume_is_bit_identical(name):
     train(resumed, opt2, 4, start=4)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", NAMES)
+def test_copied_optimizer_steps_as_the_original(name, clone):
+    """``copy.deepcopy`` and ``pickle`` carry shine's own options (``nonfinite``,
+    ``max_grad_norm``, ``skipped_steps``, ...) with torch's groups and state: the copy (which holds
+    copies of the parameters) takes the steps the original takes. Torch's ``__getstate__`` alone
+    keeps only its own attributes, so the copy's first step failed."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make(name, model, nonfinite="skip", max_grad_norm=5.0)
+    train(model, opt, 2)
+    opt.skipped_steps = 3
+    twin = copy.deepcopy(opt) if clone == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (twin.nonfinite, twin.max_grad_norm, twin.skipped_steps) == ("skip", 5.0, 3)
+    assert twin.last_grad_norm == opt.last_grad_norm is not None
+    originals = [p for g in opt.param_groups for p in g["params"]]
+    copies = [p for g in twin.param_groups for p in g["params"]]
+    for _ in range(2):
+        for p, q in zip(originals, copies):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(originals, copies))
+
+
+def test_load_state_dict_hooks_act_as_in_torch():
+    """A load pre-hook's returned state dict is the one loaded, and a post-hook's changes to the
+    loaded state stay (the copies shine makes of the saved tensors came after both, from the
+    original argument)."""
+    def zero_momentum(opt, state_dict):
+        return {**state_dict, "state": {i: {**s, "exp_avg": torch.zeros_like(s["exp_avg"])}
+                                        for i, s in state_dict["state"].items()}}
+
+    def fresh_second_moment(opt):
+        for s in opt.state.values():
+            s["exp_avg_sq"] = torch.full_like(s["exp_avg_sq"], 7.0)
+    p = nn.Parameter(torch.randn(3, 3))
+    source = shine.AdamW([p])
+    p.grad = torch.randn(3, 3)
+    source.step()
+    for cls in (torch.optim.AdamW, shine.AdamW):
+        opt = cls([p])
+        opt.register_load_state_dict_pre_hook(zero_momentum)
+        opt.register_load_state_dict_post_hook(fresh_second_moment)
+        opt.load_state_dict(source.state_dict())
+        assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3, 3)), cls
+        assert torch.equal(opt.state[p]["exp_avg_sq"], torch.full((3, 3), 7.0)), cls
+    assert not torch.equal(source.state[p]["exp_avg"], torch.zeros(3, 3))
 
 
 def test_torch_adamw_state_loads_into_shine_adamw():
@@ -269,7 +321,10 @@ def test_tensor_lr_under_a_scheduler_matches_a_number(name):
             schedule.step()
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        if name == "cautious-wrapper":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("key, value", [("lr", math.inf), ("lr", math.nan), ("lr", -1.0),
@@ -350,7 +405,10 @@ def test_step_hooks_and_closure():
 def test_compiled_step_matches_the_plain_step(name, fused):
     """``torch.compile(opt.step)``, the usual way to compile a torch optimizer's step, runs and
     gives the plain step's numbers (shine's update runs outside the enclosing compile; the fused
-    path compiles its own kernels)."""
+    path compiles its own kernels). The wrapper's inner torch optimizer is compiled with it, and
+    torch's compiled AdamW rounds otherwise than its eager one: within 1e-6 there. (This test
+    had compared the wrapper's bits too: it passed in the full suite, after other compiles, and
+    failed when run on its own, 4.8e-7 apart.)"""
     if not shine.engine.compiler_available("cpu"):
         pytest.skip("torch.compile unavailable")
     if name == "cautious-wrapper" and fused:
@@ -368,7 +426,10 @@ def test_compiled_step_matches_the_plain_step(name, fused):
             step()
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        if name == "cautious-wrapper":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
 
 
 def test_compiled_training_step_matches_eager():

@@ -1,4 +1,7 @@
 """shine.Cautious brings caution to any torch optimizer."""
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -39,6 +42,57 @@ def test_wrapper_only_moves_coordinates_that_agree_with_the_gradient():
     assert torch.allclose(before[1:] - p[1:], 0.1 * torch.tensor([0.91, 2.71, 0.91]) * 4 / 3)
 
 
+def _quadratic(p, target):
+    def closure():
+        p.grad = None
+        loss = ((p - target) ** 2 * torch.arange(1.0, 7.0)).sum()
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("inner", ["lbfgs", "sgd"])
+def test_wrapper_passes_the_closure_to_the_inner_step(inner):
+    """The closure goes to the inner step (LBFGS evaluates it several times, and failed without
+    it), and the mask compares the inner step's displacement with the gradient of its first
+    evaluation, at the parameters the step started from."""
+    target = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0])
+    start = torch.tensor([0.5, 0.5, -0.5, -0.5, 2.0, 0.0])
+    make = {"lbfgs": lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4),
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)}[inner]
+    p, q = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    wrapped, plain = shine.Cautious(make([p])), make([q])
+    for _ in range(3):
+        old = q.detach().clone()
+        _quadratic(q, target)()
+        first = q.grad.clone()
+        q.grad = None
+        plain.step(_quadratic(q, target))
+        loss = wrapped.step(_quadratic(p, target))
+        expected = old - shine.rules.caution(old - q.detach(), first)
+        assert torch.is_tensor(loss) and torch.equal(p.detach(), expected)
+        q.data.copy_(expected)  # the next step starts where the wrapped one is
+
+
+def test_wrapper_runs_its_own_state_dict_hooks():
+    """Hooks registered on the wrapper run around the inner optimizer's ``state_dict`` and
+    ``load_state_dict`` (a post-hook's state dict and a load pre-hook's are the ones used)."""
+    p = nn.Parameter(torch.randn(3))
+    opt = shine.Cautious(torch.optim.SGD([p], lr=0.1, momentum=0.9))
+    called = []
+    opt.register_state_dict_pre_hook(lambda o: called.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: called.append("save post") or {**sd, "note": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: called.append(("load pre", sd.get("note")))
+                                          or {k: v for k, v in sd.items() if k != "note"})
+    opt.register_load_state_dict_post_hook(lambda o: called.append("load post"))
+    p.grad = torch.randn(3)
+    opt.step()
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    assert called == ["save pre", "save post", ("load pre", 1), "load post"]
+    assert torch.equal(opt.state[p]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
+
+
 def test_wrapper_is_an_optimizer_for_schedulers_and_checkpoints():
     p = nn.Parameter(torch.ones(3))
     opt = shine.Cautious(torch.optim.SGD([p], lr=0.1, momentum=0.9))
@@ -52,6 +106,26 @@ def test_wrapper_is_an_optimizer_for_schedulers_and_checkpoints():
     opt2 = shine.Cautious(torch.optim.SGD([p], lr=0.1, momentum=0.9))
     opt2.load_state_dict(sd)
     assert torch.equal(opt2.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_copied_wrapper_steps_as_the_original(clone):
+    """A copy of the wrapper carries its inner optimizer (the groups and state live there) and
+    steps as the original does; torch's ``__getstate__`` dropped ``inner``."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = shine.Cautious(torch.optim.SGD([p], lr=0.1, momentum=0.9))
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    twin = copy.deepcopy(opt) if clone == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = twin.param_groups[0]["params"][0]
+    assert q is not p and torch.equal(q, p) and isinstance(twin.inner, torch.optim.SGD)
+    for _ in range(2):
+        p.grad = torch.randn(4, 3)
+        q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert torch.equal(p, q)
+    assert torch.equal(twin.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
 
 
 def test_wrapper_rejects_non_optimizers():

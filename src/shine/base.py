@@ -91,6 +91,13 @@ class ShineOptimizer(Optimizer):
         super().__init__(params, {**defaults, "foreach": foreach, "fused": fused, "state_dtype": state_dtype,
                                   "stochastic_rounding": stochastic_rounding})
 
+    #: The attributes besides torch's (``defaults``, ``state``, ``param_groups``) that a copy
+    #: (``copy.deepcopy``, ``pickle``) must carry: torch's ``__getstate__`` keeps only its own.
+    _COPIED = ("nonfinite", "max_grad_norm", "last_grad_norm", "skipped_steps")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._COPIED}}
+
     # ---- subclass interface ----------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -145,14 +152,29 @@ class ShineOptimizer(Optimizer):
         another order), is an error that names it, and the optimizer keeps the state it had. The
         step would otherwise fail midway (after stepping other buckets), or step a same-sized state
         of another shape silently on the fused path, which works on flat views.
+
+        Load hooks run as torch runs them: the pre-hooks before (the state dict one returns is the
+        one loaded), the post-hooks after the copies (what they change stays).
         """
+        with_load_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         before = self.state, self.param_groups  # torch's load_state_dict binds new ones
-        super().load_state_dict(state_dict)
+        # torch's load_state_dict without the hooks, which with_load_hooks runs: torch's would run
+        # the pre-hooks again, and the post-hooks before the copies
+        hooks = "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        held = {name: getattr(self, name) for name in hooks if hasattr(self, name)}
         try:
+            for name in held:
+                setattr(self, name, collections.OrderedDict())
+            super().load_state_dict(state_dict)
             self._load_copies(state_dict)
         except Exception:
             self.state, self.param_groups = before
             raise
+        finally:
+            for name, registered in held.items():
+                setattr(self, name, registered)
 
     def _load_copies(self, state_dict: dict[str, Any]) -> None:
         """:meth:`load_state_dict` after torch's: copies of the saved tensors, defaults, checks."""
@@ -353,6 +375,19 @@ class ShineOptimizer(Optimizer):
         bad = next(p for p in params if not torch.isfinite(p.grad).all())
         raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{self._index(bad)} "
                            f"of shape {tuple(bad.shape)}; no state was changed. Pass nonfinite='skip' to skip such steps.")
+
+
+def with_load_hooks(optimizer: Optimizer, state_dict: dict[str, Any], load: Callable[[dict[str, Any]], None]) -> None:
+    """``load(state_dict)`` between ``optimizer``'s load-state-dict hooks, as torch's
+    ``load_state_dict`` runs them: each pre-hook may return the state dict to load instead, and the
+    post-hooks run once it is loaded."""
+    for hook in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    load(state_dict)
+    for hook in getattr(optimizer, "_optimizer_load_state_dict_post_hooks", {}).values():
+        hook(optimizer)
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .base import run_closure
+from .base import run_closure, with_load_hooks
 from .rules import caution
 
 
@@ -62,6 +62,12 @@ class Cautious(Optimizer):
     def __repr__(self) -> str:
         return f"Cautious({self.inner!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy (``copy.deepcopy``, ``pickle``) carries: the inner optimizer, which holds the
+        groups and state (torch's ``__getstate__`` reads them, and would lose ``inner``), and the
+        wrapper's hooks."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_own_")}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "inner" in self.__dict__:
             self.inner.add_param_group(param_group)
@@ -69,21 +75,58 @@ class Cautious(Optimizer):
             super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
+        """The inner optimizer's state dict, between the wrapper's own state-dict hooks (a post-hook
+        may return another)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = self.inner.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
+        """The inner optimizer's ``load_state_dict``, between the wrapper's own load hooks."""
+        with_load_hooks(self, state_dict, self.inner.load_state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run the inner step, then keep only the coordinates where it moved against the gradient."""
-        loss = run_closure(closure)
-        before = [(p, p.clone(), g.get("maximize", False)) for g in self.param_groups for p in g["params"]
-                  if p.grad is not None]
-        self.inner.step()
-        for p, old, maximize in before:
-            p.copy_(old - caution(old - p, -p.grad if maximize else p.grad))
+        """Run the inner step, then keep only the coordinates where it moved against the gradient.
+
+        A ``closure`` goes to the inner step, which may evaluate it several times (LBFGS); the
+        gradient the mask compares with is the one of its first evaluation, at the parameters the
+        step starts from."""
+        params = [(p, g.get("maximize", False)) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        before = [p.clone() for p, _ in params]
+        if closure is None:
+            loss, grads = self.inner.step(), [p.grad for p, _ in params]
+        else:
+            first = _FirstGradients([p for p, _ in params], closure)
+            loss, grads = self.inner.step(first), first.grads
+        for (p, maximize), old, g in zip(params, before, grads):
+            if g is not None:
+                p.copy_(old - caution(old - p, -g if maximize else g))
+        return loss
+
+
+class _FirstGradients:
+    """A step closure that records the gradients of ``params`` its first evaluation leaves; they
+    are copied only if it is evaluated again (which replaces or zeroes them)."""
+
+    def __init__(self, params: list[torch.Tensor], closure: Callable[[], Any]):
+        self.params, self.closure = params, closure
+        self.grads: list[torch.Tensor | None] = [None] * len(params)
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        if self.calls == 1:
+            self.grads = [None if g is None else g.clone() for g in self.grads]
+        loss = run_closure(self.closure)
+        if self.calls == 0:
+            self.grads = [p.grad for p in self.params]
+        self.calls += 1
         return loss
