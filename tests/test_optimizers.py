@@ -140,6 +140,22 @@ def test_torch_adamw_state_loads_into_shine_adamw():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_torch_adamw_state_with_amsgrad_is_an_error_that_changes_nothing():
+    """A ``torch.optim.AdamW(amsgrad=True)`` state dict holds the running maximum of the second
+    moment, which shine's AdamW does not keep: loading it is an error naming the option (it had
+    loaded silently, and the next steps were not torch's)."""
+    model = TinyNet()
+    reference = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    train(model, reference, 2)
+    opt = shine.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 1)
+    saved = _state_copy(opt)
+    with pytest.raises(ValueError, match="group #0 was saved with amsgrad=True, which AdamW does not implement"):
+        opt.load_state_dict(reference.state_dict())
+    _assert_state_is(opt, saved)
+    assert "amsgrad" not in opt.param_groups[0]
+
+
 def test_loaded_step_counts_are_host_float32():
     """Step counts load as float32 tensors on the host, however they were saved (float64, int64, or
     on the parameter's device, where torch moves them for fused groups): the step reads each one
@@ -240,18 +256,43 @@ def test_state_dict_keeps_fp32_state_for_bf16_params():
 def test_state_deciding_hyperparameter_changed_after_the_first_step_is_an_error(ctor, change):
     """A hyperparameter that decides which state a parameter keeps (CAME's gamma adds prev_grad,
     MARS's mars_type and optimize_1d choose its pipeline), set after the state was made: the step
-    names the missing state before writing anything (it had been a bare KeyError)."""
+    names the missing state before writing anything (it had been a bare KeyError), and keeps no
+    state it made for parameters that had none."""
     model = TinyNet()
-    opt = ctor(model.parameters())
+    late = nn.Parameter(torch.randn(6, 5))  # in the first group, without a gradient until now
+    opt = ctor([{"params": [late]}, {"params": list(model.parameters())}])
     train(model, opt, 1)
-    opt.param_groups[0].update(change)
+    opt.param_groups[1].update(change)
     opt.zero_grad()
     loss_fn(model, 1).backward()
+    late.grad = torch.randn(6, 5)
     before, saved = [p.detach().clone() for p in model.parameters()], _state_copy(opt)
     with pytest.raises(RuntimeError, match=r"parameter #\d+ has no state \w+, which its step now needs"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     _assert_state_is(opt, saved)
+    assert not opt.state[late]
+
+
+def test_came_factor_conv_changed_after_the_first_step_is_an_error():
+    """CAME's factor_conv decides the shape of a conv kernel's row and column state; changed after
+    the first step it was ignored (the rule reads the factoring off the state). Now an error
+    before anything is written; set before the first step, it applies."""
+    conv = nn.Parameter(torch.randn(4, 3, 3, 3))
+    opt = shine.CAME([conv], lr=1e-3)
+    conv.grad = torch.randn_like(conv)
+    opt.step()
+    assert opt.state[conv]["exp_avg_sq_row"].shape == (4,)
+    opt.param_groups[0]["factor_conv"] = "last2"
+    before, saved = conv.detach().clone(), _state_copy(opt)
+    with pytest.raises(RuntimeError, match=r"#0 of shape \(4, 3, 3, 3\) has state factored otherwise than "
+                                           r"factor_conv='last2'"):
+        opt.step()
+    assert torch.equal(conv, before)
+    _assert_state_is(opt, saved)
+    fresh = shine.CAME([conv], lr=1e-3, factor_conv="last2")
+    fresh.step()
+    assert fresh.state[conv]["exp_avg_sq_row"].shape == (4, 3, 3)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -518,6 +559,63 @@ def test_mars_exact_requires_stash_and_uses_it():
     assert "step" not in opt.state[p]
 
 
+def _exact_run(ctor, scaler=None, stash_at_inf=None, steps=5):
+    """The exact-mode loop on a linear model; ``stash_at_inf``: the iteration whose stashed gradient
+    (the next batch's) is made infinite. Returns the weight and the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    opt = ctor(model.parameters())
+
+    def loss(t):
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(6, 5, generator=g), torch.randn(6, 4, generator=g)
+        out = ((model(x) - y) ** 2).mean()
+        return scaler.scale(out) if scaler is not None else out
+    for t in range(steps):
+        opt.zero_grad()
+        loss(t + 1).backward()
+        if t == stash_at_inf:
+            model.weight.grad[0, 0] = math.inf
+        opt.stash_grad(scaler)
+        opt.zero_grad()
+        loss(t).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return model.weight.detach().clone(), opt
+
+
+EXACT = {"mars": lambda ps, **kw: shine.MARS(ps, lr=1e-2, approx=False, **kw),
+         "mars-came": lambda ps, **kw: shine.CAME(ps, lr=1e-2, gamma=0.025, approx=False, **kw)}
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_mode_with_a_grad_scaler_is_the_unscaled_run(name):
+    """``stash_grad(scaler)`` unscales the stashed gradient as ``scaler.step`` unscales the step's: in
+    float32 with a power-of-two scale the run is the unscaled run, bit for bit. Stashed scaled,
+    ``g - g_prev`` had mixed two scales (the weight 5.6e-2 off for MARS, 1.05 for CAME)."""
+    plain, _ = _exact_run(EXACT[name])
+    scaled, _ = _exact_run(EXACT[name], scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    assert torch.equal(plain, scaled)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_mode_checks_the_stashed_gradient_it_uses(name):
+    """A stashed gradient that is not finite is caught by the non-finite check of the step that
+    uses it, the next one (it had gone into the correction unchecked, and made the weights NaN):
+    that step raises, or is skipped, after which the steps go on, with the newer stash as their
+    ``g_prev`` (a skipped step had kept its own for the next)."""
+    with pytest.raises(RuntimeError, match="non-finite"):
+        _exact_run(EXACT[name], stash_at_inf=1)
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        weight, opt = _exact_run(lambda ps: EXACT[name](ps, nonfinite="skip"), stash_at_inf=1)
+    assert opt.skipped_steps == 1 and torch.isfinite(weight).all()
+    state = next(iter(opt.state.values()))
+    assert state["step"].item() == 4 and torch.isfinite(state["prev_grad"]).all()
+
+
 def test_mars_exact_closure_protocol_matches_manual_protocol():
     """step(closure, next_closure=...) is the documented manual loop, step for step."""
     def run(use_closures):
@@ -649,6 +747,30 @@ def test_max_grad_norm_matches_clip_grad_norm(name, path):
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "mars-adamw", "came"])
+def test_max_grad_norm_on_float64_parameters(name, foreach):
+    """float64 gradients, a large one among them, have their norm in float64 (asked for float32
+    sums, the norm's kernels refused to narrow them: the first step failed), and the clipped step
+    is clip_grad_norm_ then the unclipped step, to float64 rounding; mixed with float32
+    parameters too."""
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s, dtype=dtype)) for s, dtype in
+            [((16, 24), torch.float64), ((24,), torch.float64), ((300, 256), torch.float64), ((8, 4), torch.float32)]]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    clipped, unclipped = make(name, ours, max_grad_norm=0.5, foreach=foreach), make(name, theirs, foreach=foreach)
+    for _ in range(2):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        norm = nn.utils.clip_grad_norm_(theirs, 0.5).item()
+        clipped.step()
+        unclipped.step()
+        assert clipped.last_grad_norm == pytest.approx(norm, rel=1e-12)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
 @pytest.mark.parametrize("name", NAMES)
 def test_step_never_writes_the_gradients(name, foreach):
     """The rules write their temporaries in place (one allocation each, on the eager paths); the
@@ -707,6 +829,30 @@ def test_max_grad_norm_nonfinite_gradient_changes_nothing(nonfinite):
 P = [nn.Parameter(torch.zeros(2, 2))]
 
 
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """NumPy scalars as hyperparameters (a ``LambdaLR`` whose lambda returns ``np.float32`` leaves
+    one in ``lr`` under NumPy 2) are taken as the Python numbers of the same value, at
+    construction and after a scheduler: the same steps as with Python numbers. They had been
+    refused as not finite numbers."""
+    np = pytest.importorskip("numpy")
+
+    def run(number):
+        p = nn.Parameter(torch.linspace(-1, 1, 12).view(3, 4))
+        opt = shine.MARS([p], lr=number(3e-3), betas=(number(0.9), number(0.99)), ns_steps=np.int64(5),
+                         mars_type="shampoo")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: number(0.5) ** epoch)
+        for t in range(3):
+            p.grad = torch.full((3, 4), 0.1 * (t + 1)).cos()
+            opt.step()
+            sched.step()
+        return p.detach(), opt.param_groups[0]
+    (numpy_p, group), (python_p, _) = run(np.float32), run(lambda x: float(np.float32(x)))
+    assert torch.equal(numpy_p, python_p)
+    assert type(group["betas"][0]) is float and type(group["ns_steps"]) is int
+    with pytest.raises(ValueError, match="Invalid lr: -0.001"):
+        shine.AdamW(P, lr=np.float32(-1e-3))
+
+
 @pytest.mark.parametrize("ctor, match", [
     (lambda: shine.AdamW(P, lr=-1.0), "Invalid lr"),
     (lambda: shine.AdamW(P, lr=math.nan), "Invalid lr"),
@@ -717,6 +863,8 @@ P = [nn.Parameter(torch.zeros(2, 2))]
     (lambda: shine.MARS(P, mars_type="sgd"), "Invalid mars_type"),
     (lambda: shine.MARS(P, mars_type="mars-came"), r"MARS-CAME is shine.CAME\(\.\.\., gamma=0.025\)"),
     (lambda: shine.MARS(P, betas_1d=(1.5, 0.9)), r"Invalid betas_1d\[0\]"),
+    (lambda: shine.MARS(P, mars_type="shampoo", ns_dtype="bfloat16"), "Invalid ns_dtype: 'bfloat16'"),
+    (lambda: shine.MARS(P, mars_type="shampoo", ns_dtype=torch.int32), "Invalid ns_dtype: torch.int32"),
     (lambda: shine.CAME(P), "explicit lr"),
     (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),
     (lambda: shine.CAME(P, lr=1e-3, factor_conv="rows"), "Invalid factor_conv"),
@@ -741,6 +889,43 @@ def test_sparse_gradient_is_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                                     (torch.float16, torch.bfloat16)])
+def test_gradient_in_another_dtype_is_an_error_that_changes_nothing(param_dtype, grad_dtype):
+    """A gradient in another dtype than its parameter's (``p.grad_dtype``), where the step cannot
+    work with it, is an error naming the dtypes before anything is written: it had failed inside
+    a kernel after an earlier bucket was stepped. (float32 gradients of bf16/fp16 parameters work.)"""
+    a = nn.Parameter(torch.randn(4, 3))
+    b = nn.Parameter(torch.randn(4, 3, dtype=param_dtype))
+    b.grad_dtype = grad_dtype
+    opt = shine.AdamW([{"params": [a]}, {"params": [b], "lr": 1e-2}])
+    a.grad, b.grad = torch.randn(4, 3), torch.randn(4, 3, dtype=grad_dtype)
+    before = a.detach().clone(), b.detach().clone()
+    with pytest.raises(RuntimeError, match=f"dtype {param_dtype}.*got a {grad_dtype} gradient"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_state_dtype_for_float64_parameters_is_an_error(state_dtype):
+    """``state_dtype`` is for parameters whose steps work in float32: a float64 parameter is an
+    error at construction, or, cast after it (``model.double()``), at the step, before anything is
+    written. Its first step had failed with a message about a model cast after its state was made,
+    leaving state behind."""
+    with pytest.raises(ValueError, match=f"state_dtype={state_dtype} applies to float32.*#1 is torch.float64"):
+        shine.AdamW([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, dtype=torch.float64))],
+                    state_dtype=state_dtype)
+    model = nn.Linear(4, 3)
+    opt = shine.AdamW(model.parameters(), state_dtype=state_dtype)
+    model.double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="#0 is torch.float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.state
 
 
 def test_next_closure_without_closure_is_an_error():

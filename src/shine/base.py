@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import distributed, engine
 from .engine import Pipeline
-from .validation import check_choice, check_finite_nonneg, check_grad, check_param, require
+from .validation import check_choice, check_finite_nonneg, check_grad, check_param, plain_numbers, require
 
 NONFINITE = ("raise", "skip", "ignore")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -111,6 +111,16 @@ class ShineOptimizer(Optimizer):
     def _pipeline(self, group: dict[str, Any], route: Hashable) -> tuple[Pipeline, dict[str, Any]]:
         raise NotImplementedError
 
+    def _validate(self, group: dict[str, Any]) -> None:
+        """The group's NumPy numbers as Python ones (:func:`plain_numbers`), then ``_check_group``."""
+        plain_numbers(group)
+        self._check_group(group)
+
+    def _also_checked(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, tensor)`` pairs of ``params`` for the tensors besides their gradients that the
+        step reads as gradients, which the non-finite check covers too (none here)."""
+        return []
+
     def _whole_tensor_math(self, group: dict[str, Any]) -> bool:
         """Whether the group's math reads whole tensors (norms, means, shapes), not just elements."""
         return True
@@ -121,14 +131,25 @@ class ShineOptimizer(Optimizer):
         group = self.param_groups[-1]
         for p in group["params"]:
             check_param(p, type(self).__name__)
-        self._check_group(group)
+        self._validate(group)
         for p in group["params"]:
             self._check_layout(group, p)
 
     def _check_layout(self, group: dict[str, Any], p: Tensor) -> None:
         """Refuse a parameter laid out so that the group's math cannot work on it (FSDP1's flat
-        shards, for math that reads whole tensors), with an error that names the problem."""
+        shards, for math that reads whole tensors), or whose dtype the group's ``state_dtype`` does
+        not apply to, with an error that names the problem."""
         distributed.check_layout(p, type(self).__name__, self._whole_tensor_math(group))
+        self._check_state_dtype(group, p)
+
+    def _check_state_dtype(self, group: dict[str, Any], p: Tensor) -> None:
+        """Refuse a ``state_dtype`` for a parameter whose step does not work in float32 (float64):
+        the step would fail on it, after stepping other parameters."""
+        if group.get("state_dtype") is not None and _working_dtype(p.dtype) != torch.float32:
+            raise ValueError(f"{type(self).__name__}: state_dtype={group['state_dtype']} applies to float32, "
+                             f"bfloat16 and float16 parameters, whose steps work in float32; parameter "
+                             f"#{self._index(p)} is {p.dtype}. Leave state_dtype=None for it (its state is then "
+                             f"{p.dtype}).")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -179,6 +200,10 @@ class ShineOptimizer(Optimizer):
     def _load_copies(self, state_dict: dict[str, Any]) -> None:
         """:meth:`load_state_dict` after torch's: copies of the saved tensors, defaults, checks."""
         saved = state_dict["state"]
+        for index, group in enumerate(state_dict["param_groups"]):
+            # torch.optim.AdamW's and Adam's option of another rule, whose state (max_exp_avg_sq) would go unread
+            require(not group.get("amsgrad"), f"{type(self).__name__}.load_state_dict: parameter group #{index} was "
+                                              f"saved with amsgrad=True, which {type(self).__name__} does not implement")
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
@@ -195,7 +220,7 @@ class ShineOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            self._check_group(group)
+            self._validate(group)
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
@@ -258,15 +283,36 @@ class ShineOptimizer(Optimizer):
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         for group, ps in active:  # hyperparameters set after construction (schedulers, by hand)
             if ps:
-                self._check_group(group)
+                self._validate(group)
+        for group, ps in active:
+            for p in ps:
+                check_grad(p.grad, name, p.dtype)
+                self._check_state_dtype(group, p)  # a model cast after construction (model.double())
         params = [p for _, ps in active for p in ps]
-        for p in params:
-            check_grad(p.grad, name)
         scale = self._clip_scale(params)
         if scale is None:
             return False
         fresh = {p: set(self.state[p]) for p in params if "step" not in self.state[p]}
         probe = self.max_grad_norm is None and self.nonfinite != "ignore"  # pre-passes as the check
+        try:
+            runs, probed, counts = self._prepare(active, scale, probe)
+        except BaseException:
+            _drop_new_state(self.state, fresh)
+            raise
+        if probe and not self._gradients_finite(params, probed, [t for _, t in self._also_checked(params)]):
+            _drop_new_state(self.state, fresh)
+            return self._nonfinite_gradient(params, stacklevel=4) or False
+        for count, step in counts:  # fill_: adding a number to a 0-d tensor took 3-4 times as long (1000 tensors: 3 ms)
+            count.fill_(step)
+        for run in runs:
+            engine.run_bucket(*run)
+        return True
+
+    def _prepare(self, active: list[tuple[dict[str, Any], list[Tensor]]], scale: float, probe: bool):
+        """Each group's buckets, made ready to step without writing anything but new state (the
+        fused pre-passes run, as the non-finite check where ``probe``): the arguments of each
+        :func:`shine.engine.run_bucket` call, the pre-passes' probes, and each parameter's step
+        count with its next value."""
         runs, probed, counts = [], [], []
         for group, ps in active:
             buckets: dict[tuple, list[Tensor]] = collections.defaultdict(list)
@@ -280,7 +326,7 @@ class ShineOptimizer(Optimizer):
                 buckets[(self._route(group, p), p.device, p.dtype, step, distributed.layout_of(p))].append(p)
             for (route, device, _, step, _), bucket in buckets.items():
                 pipe, hyper = self._pipeline(group, route)
-                self._check_state_layout(pipe, bucket)
+                self._check_state_layout(group, pipe, bucket)
                 hyper = {**hyper, "step": step, **_rounding(group)}
                 if self.max_grad_norm is not None:
                     hyper["grad_scale"] = scale
@@ -293,18 +339,9 @@ class ShineOptimizer(Optimizer):
                 if prepared is not None:
                     probed += prepared.probes
                 runs.append((path, pipe, bucket, grads, states, hyper, prepared))
-        if probe and not self._gradients_finite(params, probed):
-            for p, keys in fresh.items():  # the state created above for this step goes again
-                for key in set(self.state[p]) - keys:
-                    del self.state[p][key]
-            return self._nonfinite_gradient(params, stacklevel=4) or False
-        for count, step in counts:  # fill_: adding a number to a 0-d tensor took 3-4 times as long (1000 tensors: 3 ms)
-            count.fill_(step)
-        for run in runs:
-            engine.run_bucket(*run)
-        return True
+        return runs, probed, counts
 
-    def _check_state_layout(self, pipe: Pipeline, params: list[Tensor]) -> None:
+    def _check_state_layout(self, group: dict[str, Any], pipe: Pipeline, params: list[Tensor]) -> None:
         """Each state tensor the step reads is on its parameter's device and works in its dtype
         (fp32 for both where either is fp16/bf16): a model moved or cast after its optimizer's state
         was made (``model.double()``, ``model.to(device)``) otherwise failed inside a kernel, midway
@@ -348,13 +385,13 @@ class ShineOptimizer(Optimizer):
         return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
     @staticmethod
-    def _gradients_finite(params: list[Tensor], probed: list[tuple[Tensor, Tensor]]) -> bool:
-        """Whether every gradient is finite: from the ``(gradient, probe)`` pairs of the fused
-        pre-passes where there are some (one host synchronisation), by a check of their own
-        (:func:`shine.engine.grads_finite`) for the rest. A non-finite probe from finite values
-        (overflow) is settled exactly."""
+    def _gradients_finite(params: list[Tensor], probed: list[tuple[Tensor, Tensor]], also: list[Tensor]) -> bool:
+        """Whether every gradient (and every tensor of ``also``) is finite: from the
+        ``(gradient, probe)`` pairs of the fused pre-passes where there are some (one host
+        synchronisation), by a check of their own (:func:`shine.engine.grads_finite`) for the rest.
+        A non-finite probe from finite values (overflow) is settled exactly."""
         seen = {id(g) for g, _ in probed}
-        rest = [p.grad for p in params if id(p.grad) not in seen]
+        rest = [p.grad for p in params if id(p.grad) not in seen] + also
         if rest and not distributed.grads_finite(rest, engine.grads_finite):
             return False
         by_device: dict[torch.device, list[Tensor]] = collections.defaultdict(list)
@@ -372,8 +409,10 @@ class ShineOptimizer(Optimizer):
             warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=stacklevel)
             return None
-        bad = next(p for p in params if not torch.isfinite(p.grad).all())
-        raise RuntimeError(f"{type(self).__name__}: non-finite gradient (NaN or inf) in parameter #{self._index(bad)} "
+        checked = [(p, p.grad, "gradient") for p in params] + [(p, t, "stashed gradient (exact mode's g_prev)")
+                                                             for p, t in self._also_checked(params)]
+        bad, _, what = next(item for item in checked if not torch.isfinite(item[1]).all())
+        raise RuntimeError(f"{type(self).__name__}: non-finite {what} (NaN or inf) in parameter #{self._index(bad)} "
                            f"of shape {tuple(bad.shape)}; no state was changed. Pass nonfinite='skip' to skip such steps.")
 
 
@@ -396,6 +435,13 @@ def run_closure(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def _drop_new_state(state: dict[Tensor, dict[str, Any]], before: dict[Tensor, set[str]]) -> None:
+    """Remove the state a step created before it stopped: each parameter keeps the keys it had."""
+    for p, keys in before.items():
+        for key in set(state[p]) - keys:
+            del state[p][key]
 
 
 def _cast_state(state: dict[str, Tensor], p: Tensor, dtype: torch.dtype | None) -> dict[str, Tensor]:

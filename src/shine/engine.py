@@ -868,8 +868,9 @@ def grads_finite(grads: list[Tensor]) -> bool:
 
 def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     """The Euclidean norm of all of ``grads`` together (one host synchronisation per device), each
-    tensor's sum of squares computed in ``dtype`` (float64 where float32 squares would overflow)
-    and the sums combined in float64.
+    tensor's sum of squares computed in ``dtype`` (float64 where float32 squares would overflow), or
+    in the tensor's own dtype where that is wider (float64 gradients), and the sums combined in
+    float64.
 
     On CPU a large tensor is reduced in rows (:func:`shine.tensorlist.sum_of_squares`: as fast
     as a plain sum there, and accurate, where the whole-tensor float32 norm that ``_foreach_norm``
@@ -880,18 +881,18 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     values over 16 offsets of one vector): the clip then differed in its last bits between
     processes. Other devices get one multi-tensor norm kernel.
     """
-    by_device: dict[torch.device, list[Tensor]] = {}
+    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         if g.numel():
-            by_device.setdefault(g.device, []).append(g)
-    total = 0.0
-    for device, gs in by_device.items():
+            by_device.setdefault((g.device, torch.promote_types(g.dtype, dtype)), []).append(g)
+    totals: dict[torch.device, list[Tensor]] = {}
+    for (device, wide), gs in by_device.items():
         if device.type != "cpu":
-            squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=dtype)]
+            squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=wide)]
         else:
-            squares = [sum_of_squares(g, dtype) for g in gs if g.numel() >= ROWWISE_MIN_NUMEL]
+            squares = [sum_of_squares(g, wide) for g in gs if g.numel() >= ROWWISE_MIN_NUMEL]
             small = [g for g in gs if g.numel() < ROWWISE_MIN_NUMEL]
             if small:
-                squares.append(torch.stack(torch._foreach_norm(small, 2, dtype=dtype)).double().square().sum())
-        total += torch.stack(squares).sum().item()
-    return math.sqrt(total)
+                squares.append(torch.stack(torch._foreach_norm(small, 2, dtype=wide)).double().square().sum())
+        totals.setdefault(device, []).extend(squares)
+    return math.sqrt(sum(torch.stack(squares).sum().item() for squares in totals.values()))

@@ -149,15 +149,29 @@ class _VarianceReduced(ShineOptimizer):
                 if p.grad is not None and self._corrected(g, p)]
 
     @torch.no_grad()
-    def stash_grad(self) -> None:
-        """Exact mode: record each ``p.grad`` (a copy) as the ``g_prev`` of the NEXT step."""
+    def stash_grad(self, scaler: Any = None) -> None:
+        """Exact mode: record each ``p.grad`` (a copy) as the ``g_prev`` of the NEXT step.
+
+        ``scaler``: the ``torch.amp.GradScaler`` that scaled the loss of this backward pass; the
+        copy is unscaled by its current scale (``scaler.step`` unscales only the gradients of the
+        step, and a scaled ``g_prev`` made ``g - g_prev`` mix two scales). A stashed gradient that
+        is not finite (the backward pass overflowed) is caught by the non-finite check of the step
+        that uses it (``nonfinite``)."""
         name = type(self).__name__
         if all(g["approx"] for g in self.param_groups):
             raise RuntimeError(f"{name}.stash_grad() is for exact mode only (construct with approx=False)")
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for p in self._exact_params():
             g = p.grad.float() if p.grad.dtype in LOW_PRECISION else p.grad.clone()
+            if scale != 1.0:
+                g.div_(scale)
             self.state[p]["next_prev_grad"] = g.neg_() if groups[id(p)]["maximize"] else g
+
+    def _also_checked(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Exact mode's ``g_prev`` of this step (a stashed gradient), checked with the gradients."""
+        exact = {id(p) for p in self._exact_params()}
+        return [(p, self.state[p]["prev_grad"]) for p in params if id(p) in exact and "prev_grad" in self.state[p]]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None,
@@ -177,9 +191,11 @@ class _VarianceReduced(ShineOptimizer):
                                "opt.stash_grad() before the current batch's backward and opt.step() "
                                "(or pass next_closure=...). Resuming with torch.distributed.checkpoint? "
                                "Call opt.init_state() before get_state_dict(), which otherwise steps once.")
-        if self._update():
-            for p in exact:
-                self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")
+        self._update()
+        # also after a skipped step (nonfinite="skip"), whose parameters are those the stash was taken
+        # at: it is the next step's g_prev (the skipped step's own, maybe the non-finite one, is done with)
+        for p in exact:
+            self.state[p]["prev_grad"] = self.state[p].pop("next_prev_grad")
         return loss
 
 
@@ -261,6 +277,7 @@ class MARS(_VarianceReduced):
                 f"Invalid ns_steps: {group['ns_steps']!r} (expected an int >= 1)")
         require(isinstance(group["optimize_1d"], bool),
                 f"Invalid optimize_1d: {group['optimize_1d']!r} (expected a bool)")
+        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         self._check_exact(group)
         group.setdefault("lr_at_construction", group_lr(group))
 
@@ -301,6 +318,8 @@ class MARS(_VarianceReduced):
                           ns_dtype=group["ns_dtype"])
 
 CONV_FACTORING = ("flatten", "last2")
+#: The dtypes MARS-Shampoo's Newton–Schulz iteration may run in (``None``: float32).
+NS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CAME(_VarianceReduced):
@@ -382,6 +401,20 @@ class CAME(_VarianceReduced):
                 f"{group['factor_conv']!r}), a view its DTensor layout {tuple(p.placements)} does not allow "
                 f"({str(err).splitlines()[0]}). Pass factor_conv='last2' (factor over its last two dims), "
                 "or shard it along dim 0.") from err
+
+    def _check_state_layout(self, group, pipe, params):
+        """Also: the row state of a tensor of more than 2 dims has the shape ``factor_conv`` gives
+        (the rule reads the factoring off the state, so a ``factor_conv`` changed after the first
+        step had been ignored)."""
+        super()._check_state_layout(group, pipe, params)
+        for p in params:
+            row = self.state[p].get("exp_avg_sq_row") if p.ndim > 2 else None
+            if row is not None and tuple(row.shape) != self._factored_view(group, p)[:-1]:
+                raise RuntimeError(
+                    f"CAME: parameter #{self._index(p)} of shape {tuple(p.shape)} has state factored otherwise than "
+                    f"factor_conv={group['factor_conv']!r} factors it (row state {tuple(row.shape)}): was factor_conv "
+                    f"changed after the first step? Set it before the first step, or build a new optimizer. "
+                    f"Nothing was changed.")
 
     @staticmethod
     def _factored_view(group, p):

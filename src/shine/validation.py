@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Sequence
 
@@ -16,6 +17,27 @@ def require(condition: bool, message: str) -> None:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def plain_numbers(group: dict[str, Any]) -> None:
+    """Replace, in place, a group's NumPy scalars (``np.float32(1e-3)``, as a ``LambdaLR`` whose
+    lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``, by
+    Python numbers of the same value. torch.optim takes them; the checks here take Python
+    numbers, and the step's arithmetic on a float32 scalar would round in float32."""
+    for key, value in group.items():
+        group[key] = _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, list)):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> None:
@@ -56,13 +78,18 @@ def check_param(p: torch.Tensor, optimizer: str) -> None:
     require(p.is_floating_point(), f"{optimizer} needs floating-point parameters (got {p.dtype})")
 
 
-def check_grad(g: torch.Tensor, optimizer: str) -> None:
-    """A dense, real gradient."""
+def check_grad(g: torch.Tensor, optimizer: str, param_dtype: torch.dtype | None = None) -> None:
+    """A dense, real gradient, in the parameter's dtype (``param_dtype``), or in float32 for a
+    float16 or bfloat16 parameter (``p.grad_dtype``), whose step works in float32 anyway."""
     if g.is_sparse:
         raise RuntimeError(f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam "
                            "or a dense embedding (sparse=False)")
     if g.is_complex():
         raise RuntimeError(f"{optimizer} does not support complex gradients (got {g.dtype})")
+    if param_dtype is not None and g.dtype != param_dtype and not (
+            param_dtype in (torch.float16, torch.bfloat16) and g.dtype == torch.float32):
+        raise RuntimeError(f"{optimizer} needs a gradient in its parameter's dtype {param_dtype}, or float32 for "
+                           f"float16/bfloat16 parameters; got a {g.dtype} gradient. Nothing was changed.")
 
 
 _WARNED: set[str] = set()
