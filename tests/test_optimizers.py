@@ -400,6 +400,24 @@ def test_mars_1d_lr_follows_the_schedule():
     assert steps[1] == pytest.approx(0.5e-3, rel=1e-4)
 
 
+def test_mars_1d_lr_is_relative_to_the_constructors_lr():
+    """As in the official MARS, whose 1-D lr is ``group lr * lr_1d / lr`` with the constructor's lr:
+    a group with its own lr scales its 1-D parameters' lr too (shine had taken lr_1d relative to the
+    group's own lr, so such a group's 1-D step was lr_1d whatever its lr); a group that sets its own
+    lr_1d has it at its first lr. First AdamW steps move each element by about its lr."""
+    a, b, c = (nn.Parameter(torch.zeros(5)) for _ in range(3))
+    opt = shine.MARS([{"params": [a]}, {"params": [b], "lr": 1e-2}, {"params": [c], "lr": 1e-2, "lr_1d": 2e-3}],
+                     lr=3e-3, lr_1d=1e-3, weight_decay_1d=0.0)
+    for p in (a, b, c):
+        p.grad = torch.ones(5)
+    opt.step()
+    assert -a[0].item() == pytest.approx(1e-3, rel=1e-4)
+    assert -b[0].item() == pytest.approx(1e-2 * 1e-3 / 3e-3, rel=1e-4)
+    assert -c[0].item() == pytest.approx(2e-3, rel=1e-4)
+    with pytest.raises(ValueError, match="constructor's lr > 0"):
+        shine.MARS([{"params": [a], "lr": 1e-2}], lr=0.0)
+
+
 def test_param_groups_have_their_own_hyperparameters():
     a, b = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3, 3))
     opt = shine.Lion([{"params": [a], "lr": 0.1}], lr=0.01)

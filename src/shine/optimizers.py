@@ -211,9 +211,11 @@ class MARS(_VarianceReduced):
             NS5(m/(1-beta1)) * sqrt(max(1, rows/cols))   (mars_type="shampoo")
         p = p - lr * (wd*p + u)
 
-    Other parameters (biases, norms, conv kernels) take plain AdamW with
-    ``lr_1d * lr / lr_at_construction`` (so a schedule scales both),
-    ``betas_1d``, ``weight_decay_1d`` and no correction, as the reference does.
+    Other parameters (biases, norms, conv kernels) take plain AdamW with the lr
+    ``lr * lr_1d / lr_at_construction``, ``betas_1d``, ``weight_decay_1d`` and no correction, as
+    the reference does: ``lr`` is the group's lr now and ``lr_at_construction`` the lr given to
+    the constructor (the reference's ``lr_1d / lr`` factor), so a schedule, or a group's own lr,
+    scales both; a group that sets its own ``lr_1d`` has it relative to its own first lr.
 
     Approximate mode (``approx=True``, default, the paper's headline setting):
     ``g_prev`` is a copy of the previous step's gradient.
@@ -280,6 +282,16 @@ class MARS(_VarianceReduced):
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         self._check_exact(group)
         group.setdefault("lr_at_construction", group_lr(group))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Also: the lr that the group's ``lr_1d`` is relative to (``lr_at_construction``): the
+        constructor's, as in the reference, unless the group sets its own ``lr_1d``, which is then
+        relative to its own first lr (the check of the group sets that)."""
+        if "lr_1d" not in param_group:
+            require(group_lr(self.defaults) > 0, f"Invalid lr: {self.defaults['lr']!r} (MARS needs the "
+                                                 f"constructor's lr > 0: the other parameters' lr is lr * lr_1d / it)")
+            param_group = {"lr_at_construction": group_lr(self.defaults), **param_group}
+        super().add_param_group(param_group)
 
     def _corrected(self, group, p):
         return self._route(group, p) != "adamw_1d"

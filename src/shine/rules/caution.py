@@ -8,8 +8,8 @@ def caution(u, g, kept=None, across=None):
     """Zero ``u`` where ``u * g <= 0``; rescale by ``1 / max(mean(mask), 1e-3)``.
 
     The mean is over the whole tensor (a global reduction for DTensors), as in
-    the official code and timm. Other libraries divide by ``numel/(kept+1)``,
-    which differs on small tensors. ``kept`` is that floored mean when it was
+    the official C-AdamW code and timm. The official C-Lion code, like other
+    libraries, divides by ``numel/(kept+1)``, which differs on small tensors. ``kept`` is that floored mean when it was
     already computed (:func:`kept_fraction` of a tensor with the sign of ``u``). ``across``: on
     shards, a :class:`~shine.distributed.ShardSums` that completes the count and the size.
     Returns a new tensor, or for a :class:`~shine.rules.apply.Quotient` a quotient still
