@@ -30,7 +30,7 @@ def test_factored_came_groups(monkeypatch):
     sizes = [100, 200_000, 100_000, 5, 300_000, 7]
     assert engine._foreach_groups(came, [torch.empty(n) for n in sizes]) == [(0, 6)]
     elsewhere = [torch.empty(n, device="meta") for n in sizes]
-    assert engine.FACTORED_GROUP_NUMEL == 1 << 24
+    assert engine.FACTORED_GROUP_NUMEL == 1 << 26
     assert engine._foreach_groups(came, elsewhere) == [(0, 6)]
     monkeypatch.setattr(engine, "FACTORED_GROUP_NUMEL", 400_000)
     assert engine._foreach_groups(came, elsewhere) == [(0, 4), (4, 6)]

@@ -409,13 +409,19 @@ def _in_slices(pipe: Pipeline, params, grads, states, limit: int | None):
 FOREACH_GROUP_NUMEL: dict[str, int] = {"cpu": 262_144}
 
 #: Where factored CAME's element-wise passes are multi-tensor kernels (devices not in
-#: ``tensorlist.PER_TENSOR_DEVICES``), its several full-size temporaries would otherwise exist for
-#: all of a bucket's matrices at once: there it steps groups of at most this many elements (a
-#: larger matrix forms a group of its own), so its transient memory stays that of its largest
-#: matrix or of this many elements, whichever is more. (It had gone matrix by matrix, kernel by
-#: kernel, everywhere: on an H200 that step was host-bound, 43 ms of wall time for 9.6 ms of
-#: kernels on GPT-2 small, where pytorch-optimizer's multi-tensor CAME took half the time.)
-FACTORED_GROUP_NUMEL = 1 << 24
+#: ``tensorlist.PER_TENSOR_DEVICES``), its full-size temporaries (the stacks of the gradient and
+#: the momentum that :func:`shine.rules.came._came_factored_stacked` makes, the squares, the
+#: update) would otherwise exist for all of a bucket's matrices at once: there it steps groups of at
+#: most this many elements (a larger matrix forms a group of its own), so its transient memory is
+#: about four times its largest matrix or this many elements (1 GiB in fp32), whichever is more.
+#: The matrices of one shape stack within a group, so fewer groups make fewer launches: counted
+#: on GPT-2 small's parameters (``benchmarks/passes.py``'s counter), 166 launches a step at 2^27
+#: elements (2 GiB of temporaries), 325 at 2^26, 448 at 2^25 and 695 at 2^24, the limit before,
+#: where the groups are too small to stack (not timed on a GPU yet). (CAME had gone matrix by
+#: matrix, kernel by kernel,
+#: everywhere: on an H200 that step was host-bound, 43 ms of wall time for 9.6 ms of kernels on
+#: GPT-2 small, where pytorch-optimizer's multi-tensor CAME took half the time.)
+FACTORED_GROUP_NUMEL = 1 << 26
 
 
 def _foreach_groups(pipe: Pipeline, params: list[Tensor]) -> list[tuple[int, int]]:

@@ -44,3 +44,25 @@ def test_traffic_counts_synchronisations_but_not_step_counters(passes):
         x.sum().item()
         tensorlist.host_values(tensorlist.TensorList([x.sum(), x.amax()]))
     assert traffic.syncs == 2
+
+
+def test_came_stacks_make_fewer_launches(passes, monkeypatch):
+    """In the GPU form, CAME's matrices of one shape step as one stack: on a 6-layer GPT-2 (26
+    matrices of five shapes), fewer launches than matrix by matrix, for more bytes moved (the
+    copies into and out of the stacks); on a 2-layer one (ten of five), where stacks would cost
+    more launches than they save, none."""
+    from shine import bench, create_optimizer
+    from shine.rules import came
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_DEVICES", frozenset())
+    for layers, fewer in ((6, True), (2, False)):
+        params = bench.make_params(bench.gpt2_shapes(layers, 128, vocab=1000, context=128), torch.float32)
+        counts = {}
+        for stacked in (False, True):
+            monkeypatch.setattr(came, "STACKED", stacked)
+            counts[stacked] = passes.count(lambda: create_optimizer(params, "came", fused=False, nonfinite="ignore"),
+                                           params)
+        (_, unstacked, _, fewer_words), (_, stacked, _, more_words) = counts[False], counts[True]
+        if fewer:
+            assert stacked < 0.6 * unstacked and more_words > fewer_words
+        else:
+            assert counts[True] == counts[False]

@@ -90,3 +90,42 @@ def test_fused_factored_step_compiles_once_for_any_row_count():
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:1] * 4, f"graph count after each matrix: {graphs}"
 
+
+
+@pytest.mark.parametrize("name, kw", [("came", {}), ("c-mars-came", {}), ("came", {"factor_conv": "last2"}),
+                                      ("came", {"state_dtype": torch.bfloat16, "stochastic_rounding": False})])
+def test_gpu_form_steps_matrices_of_one_shape_as_a_stack(name, kw, monkeypatch):
+    """Where launches cost host time (the GPU form, forced on the CPU), the factored matrices of one
+    shape step as one stack (four 24x16, four conv kernels as 8x27, or with ``factor_conv="last2"``
+    as stacks of 8x3 matrices of 3x3, a 5x2 alone: a view of itself), each with its own RMS clip:
+    the parameters and every state tensor are those of the form without stacks, and of the CPU's,
+    bit for bit here. With fewer than three matrices per shape on average, no stacks."""
+    from shine.rules import came
+    shapes = [(24, 16), (16,), (8, 3, 3, 3), (24, 16), (8, 3, 3, 3), (5, 2)] + [(24, 16), (8, 3, 3, 3)] * 2
+    stacks = []
+    factored = came._came_factored
+
+    def spy(x, *state, **hyper):
+        if hyper.get("stacked"):
+            stacks.append(sorted(tuple(t.shape) for t in x))
+        return factored(x, *state, **hyper)
+    monkeypatch.setattr(came, "_came_factored", spy)
+
+    def run(gpu_form, stack, shapes=shapes):
+        monkeypatch.setattr(shine.tensorlist, "PER_TENSOR_DEVICES", frozenset() if gpu_form else frozenset({"cpu"}))
+        monkeypatch.setattr(came, "STACKED", stack)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = shine.create_optimizer(params, name, lr=1e-2, foreach=True, fused=False, **kw)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params + [v for s in opt.state.values() for v in s.values()]
+    with_stacks = run(True, True)
+    conv = [(4, 8, 3, 3, 3)] if kw.get("factor_conv") == "last2" else [(4, 8, 27)]
+    assert stacks == [sorted([(4, 24, 16), (1, 5, 2), *conv])] * 4  # every step
+    for other in (run(True, False), run(False, False)):
+        assert all(torch.equal(a, b) for a, b in zip(with_stacks, other))
+    run(True, True, shapes[:6])  # five matrices of three shapes
+    assert len(stacks) == 4

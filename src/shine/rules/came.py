@@ -132,10 +132,19 @@ def _view_as(t, like):
     return t.view(like.shape)
 
 
-def _mean_of_all(t, across=None):
-    """The mean of a column vector's elements; ``across``: see :func:`_over_shards`."""
+def _mean_of_all(t, across=None, stacked=False):
+    """The mean of a column vector's elements; ``across``: see :func:`_over_shards`. ``stacked``:
+    ``t`` (or each tensor of a TensorList) is the column vectors of a stack of matrices along
+    dim 0, and the mean is each one's, shaped to broadcast against ``t``."""
+    if stacked:
+        return _stacked_mean(t)
     total, size = _over_shards(across, -1, size_of(t), t.sum())
     return total / size
+
+
+@per_tensor
+def _stacked_mean(t):
+    return (t.flatten(1).sum(-1) / t[0].numel()).view(-1, *[1] * (t.ndim - 1))
 
 
 def came_row_statistics(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, *_, eps1, **__):
@@ -155,9 +164,10 @@ def came_factored(x, *state, **hyper):
     momentum over the confidence's rank-1 root (a :class:`~shine.rules.apply.Quotient`).
     Arguments: those of :func:`_came_factored`.
 
-    On TensorLists (the multi-tensor path) where launches cost host time (GPUs), the element-wise
-    passes are multi-tensor kernels over all the matrices, and only the reductions, broadcasts and
-    reshapes go matrix by matrix. On the CPU the whole step goes matrix by matrix, every pass over
+    On TensorLists (the multi-tensor path) where launches cost host time (GPUs), the matrices of
+    one shape go as one stack (:func:`_came_factored_stacked`, :data:`STACKED`): the element-wise
+    passes are multi-tensor kernels over the stacks, and the reductions, broadcasts and reshapes go
+    stack by stack. On the CPU the whole step goes matrix by matrix, every pass over
     a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
@@ -165,20 +175,40 @@ def came_factored(x, *state, **hyper):
     over rows then take three all-reduces for all the matrices (:func:`_over_shards`), where
     matrix by matrix they took five per matrix (a 2-rank gloo step of 64 matrices spent most of
     its time waiting in them)."""
-    if isinstance(x, TensorList) and not multi_tensor_preferred(x) and hyper.get("across") is None:
-        return _came_factored_by_matrix(x, *state, **hyper)
+    if isinstance(x, TensorList) and hyper.get("across") is None:
+        if not multi_tensor_preferred(x):
+            return _came_factored_by_matrix(x, *state, **hyper)
+        shapes = {(row.shape, col.shape[-1]) for row, col in zip(state[1], state[2])}
+        if STACKED and len(x) >= STACK_AVERAGE * len(shapes):
+            return _came_factored_stacked(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
 
 
+#: Whether, where launches cost host time, the matrices of one factored shape step as one stack
+#: (:func:`_came_factored_stacked`). Counted on GPT-2 small's parameters (``benchmarks/passes.py``'s
+#: counter): 325 launches a step with the stacks (and ``engine.FACTORED_GROUP_NUMEL`` = 2^26), 695
+#: before (2^24, no stacks), for 30.4 words of memory traffic per parameter against 27.0: the
+#: copies into and out of the stacks. Not timed on a GPU yet.
+STACKED = True
+#: :func:`_came_factored_stacked` stacks where its TensorLists hold at least this many matrices per
+#: shape on average; else the matrices go one by one in :func:`_came_factored`'s reductions. A stack
+#: costs about ten launches of copies and two of sums more than a matrix alone, and saves about
+#: five per matrix it takes in. Counted with ``benchmarks/passes.py``'s counter: a 2-layer GPT-2
+#: (ten matrices of five shapes) took 134 launches a step one by one, 152 stacked; a 6-layer one
+#: (26 of five) 278 and 152.
+STACK_AVERAGE = 3
+
+
 def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, exp_avg_res_col, *,
-                   beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None, across=None):
+                   beta1, beta2, beta3, eps1, eps2, clip_threshold, stats=None, across=None, stacked=False):
     """:func:`came_factored` on tensors or TensorLists. ``stats``: :func:`came_row_statistics`
     of ``x``, when already computed. ``across``: the matrices are shards, and a
     :class:`~shine.distributed.ShardSums` completes the sums along the dim they split: split
     along their rows (their row states split alike, their column states whole), the column
     means and the mean of each row state; along their columns (row states whole, column states
     split alike), the row means and the RMS, a mean over the column vector; along both, each
-    sum over the shards that split its dim."""
+    sum over the shards that split its dim. ``stacked``: each tensor is a stack of matrices along
+    dim 0 (:func:`_came_factored_stacked`), each with its own RMS clip."""
     x = _factored_view(x, exp_avg_sq_row, exp_avg_sq_col)
     m = _view_as(exp_avg, x)
     # Full-size temporaries are written in place once made (same numbers): on the eager paths each
@@ -199,7 +229,7 @@ def _came_factored(x, exp_avg, exp_avg_sq_row, exp_avg_sq_col, exp_avg_res_row, 
     weighted = _column_mean(xx.mul_(_placed_like((row * row).unsqueeze(-1), xx)), across=across)
     ema_(exp_avg_sq_col, squares_col, 1 - beta2)
     col = hoist(exp_avg_sq_col.rsqrt())
-    rms = _mean_of_all(col * col * weighted, across).sqrt()
+    rms = _mean_of_all(col * col * weighted, across, stacked).sqrt()
     col = hoist(col / (rms / clip_threshold).clamp_min(1.0))
     # placed like m (identity unless DTensor) before the in-place product with x
     u = _placed_like(row.unsqueeze(-1) * col.unsqueeze(-2), m).mul_(x)
@@ -226,6 +256,43 @@ def came_unfactored(x, exp_avg, exp_avg_sq, *, beta1, beta2, eps1, clip_threshol
     u.div_(hoist((_rms(u, across) / clip_threshold).clamp_min(1.0)))
     ema_(exp_avg, u, 1 - beta1)
     return exp_avg
+
+
+def _came_factored_stacked(x, *state, **hyper):
+    """:func:`_came_factored` on TensorLists, where launches cost host time: the matrices of one
+    factored shape (and dtype) go as one stack along a new dim 0, so each reduction or broadcast,
+    which has no multi-tensor kernel, is a launch per stack instead of per matrix (GPT-2 has six
+    shapes for 50 matrices), and the element-wise passes stay multi-tensor kernels over the
+    stacks. A stack of several matrices is a copy: the gradient's and the state's in, the
+    state's back out; a matrix alone of its shape goes as a stack of one, a view of itself (its
+    state written in place)."""
+    x, *state = (seq.tensors for seq in (x, *state))
+    views = [(*row.shape, col.shape[-1]) for row, col in zip(state[1], state[2])]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(x):
+        groups.setdefault((views[i], t.dtype, state[0][i].dtype), []).append(i)
+    copied = [index for index in groups.values() if len(index) > 1]
+    alone = [index for index in groups.values() if len(index) == 1]
+    order = copied + alone
+
+    def stacks(seq, shaped=False):
+        def part(i):
+            return seq[i].reshape(views[i]) if shaped else seq[i]
+        return TensorList([torch.stack([part(i) for i in index]) for index in copied]
+                          + [part(i).unsqueeze(0) for (i,) in alone])
+    stacked_state = [stacks(state[0], shaped=True), *(stacks(seq) for seq in state[1:])]
+    q = _came_factored(stacks(x, shaped=True), *stacked_state, **hyper, stacked=True)
+    for seq, stack in zip(state, stacked_state):
+        parts = [(seq[i], part) for index, whole in zip(copied, stack) for i, part in zip(index, whole)]
+        parts += [(seq[i], whole[0]) for (i,), whole in zip(alone, stack.tensors[len(copied):])
+                  if whole.data_ptr() != seq[i].data_ptr()]  # a reshape that had to copy (not contiguous)
+        if parts:
+            TensorList(t for t, _ in parts).copy_(TensorList(new.view(t.shape) for t, new in parts))
+    root = [None] * len(x)
+    for index, whole in zip(order, q.denominator):
+        for i, part in zip(index, whole):
+            root[i] = part.view(state[0][i].shape)
+    return Quotient(TensorList(state[0]), TensorList(root), q.scale)
 
 
 def _came_factored_by_matrix(x, *state, **hyper):
