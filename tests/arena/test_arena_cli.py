@@ -82,22 +82,50 @@ def test_resume_refuses_a_different_task(tmp_path, capsys):
     assert "another task" in capsys.readouterr().err
 
 
-def test_ctrl_c_keeps_finished_runs_and_resume_runs_the_rest(tmp_path, monkeypatch, capsys):
+def test_resume_refuses_a_data_file_changed_since(tmp_path, capsys):
+    """The task holds the corpus's SHA-256: a file rewritten since is another task (its runs had
+    been ranked with the new ones)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert arena("--optimizers", "adamw", *SMALL, "--data", str(text), out=tmp_path / "out") == 0
+    text.write_text("pack my box with five dozen liquor jugs! " * 40)
+    assert arena("--optimizers", "adamw", *SMALL, "--data", str(text), "--resume", out=tmp_path / "out") == 2
+    assert "another task" in capsys.readouterr().err
+
+
+def test_resume_after_a_torn_or_empty_log(tmp_path, monkeypatch):
+    """A last line torn by a kill is dropped (the next record had been appended onto it, and that run
+    then trained on every resume), and an empty log starts a new one (records had been appended
+    without a task line)."""
+    assert arena("--optimizers", "adamw,lion", *SMALL, out=tmp_path) == 0
+    log = tmp_path / runner.LOG_NAME
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # lion's record torn
+    calls = []
     train_run = command.train_run
+    monkeypatch.setattr(command, "train_run", lambda *a, **k: calls.append(a[2]) or train_run(*a, **k))
+    for _ in range(2):
+        assert arena("--optimizers", "adamw,lion", *SMALL, "--resume", out=tmp_path) == 0
+    assert calls == ["lion"]
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    log.write_text("")
+    assert arena("--optimizers", "adamw", *SMALL, "--resume", out=tmp_path) == 0
+    assert arena("--optimizers", "adamw", *SMALL, "--resume", out=tmp_path) == 0
+    assert calls == ["lion", "adamw"]
 
-    def interrupted_second_run(*args, **kwargs):
-        if args[2] == "lion":
-            raise KeyboardInterrupt
-        return train_run(*args, **kwargs)
 
-    monkeypatch.setattr(command, "train_run", interrupted_second_run)
-    assert arena("--optimizers", "adamw", "lion", *SMALL, out=tmp_path) == 130
-    assert "add --resume" in capsys.readouterr().out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert not results["complete"] and [r["optimizer"] for r in results["runs"]] == ["adamw"]
-    monkeypatch.setattr(command, "train_run", train_run)
-    assert arena("--optimizers", "adamw", "lion", *SMALL, "--resume", out=tmp_path) == 0
-    assert [r["optimizer"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == ["adamw", "lion"]
+def test_a_new_arena_in_a_used_folder_removes_the_old_reports(tmp_path, monkeypatch):
+    """Without --resume the run log starts over, and the reports of the arena before go with it (an
+    interrupted new arena had left them beside a log that no longer held their runs)."""
+    assert arena("--optimizers", "adamw", *SMALL, out=tmp_path) == 0
+    assert (tmp_path / "results.md").exists()
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command, "set_threads", interrupted)  # stopped once the log is made, before any run
+    with pytest.raises(KeyboardInterrupt):
+        arena("--optimizers", "adamw", *SMALL, out=tmp_path)
+    assert not (tmp_path / "results.md").exists() and not (tmp_path / "results.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -116,6 +144,15 @@ def test_ctrl_c_keeps_finished_runs_and_resume_runs_the_rest(tmp_path, monkeypat
 def test_lr_parsing_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         command.parse_lr_specs([spec], ["adamw", "lion"])
+
+
+def test_an_lr_given_twice_is_one_lr_and_repeated_optimizer_options_add_up(tmp_path):
+    """``--lr adamw=1e-3,0.001`` is one lr (it had trained seed 0 twice, reported as two seeds with
+    no spread), and ``--optimizers`` given twice takes both lists (it had kept the last)."""
+    assert command.parse_lr_specs(["adamw=1e-3,0.001,2e-3"], ["adamw"]) == {"adamw": (1e-3, 2e-3)}
+    assert arena("--optimizers", "adamw", "--optimizers", "lion", "--lr", "adamw=1e-3,0.001", *SMALL, out=tmp_path) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["optimizer"], r["seed"]) for r in runs) == [("adamw", 0), ("lion", 0)]
 
 
 def test_lr_grids_from_values_defaults_and_sweep():

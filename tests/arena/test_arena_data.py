@@ -61,3 +61,16 @@ def test_missing_path_and_too_little_text_are_errors(tmp_path):
     (tmp_path / "small.txt").write_text("x" * 50)
     with pytest.raises(ValueError, match="too little text"):
         data.load_corpus(tmp_path / "small.txt", seq_len=8)
+
+
+@pytest.mark.parametrize("seq_len", [1, 16, 64, 100])
+def test_too_little_text_names_the_least_that_is_enough(seq_len):
+    """The bytes the message asks for are enough, and one fewer is not (it asked for one more than
+    needed); no text at all gets the same message (it had been torch's about a zero-length buffer)."""
+    with pytest.raises(ValueError, match=r"need at least (\d+) bytes") as err:
+        data.ByteCorpus.from_bytes(b"", seq_len, "empty")
+    need = int(err.value.args[0].rsplit("need at least ", 1)[1].split()[0])
+    corpus = data.ByteCorpus.from_bytes(b"x" * need, seq_len, "just enough")
+    assert min(len(corpus.train), len(corpus.val)) > seq_len
+    with pytest.raises(ValueError, match=f"{need - 1} bytes is too little"):
+        data.ByteCorpus.from_bytes(b"x" * (need - 1), seq_len, "one short")

@@ -26,7 +26,10 @@ def test_nproc_matches_one_process(tmp_path):
         assert two[name]["train_losses"] == pytest.approx(one[name]["train_losses"], rel=rel), name
         assert two[name]["grad_norms"] == pytest.approx(one[name]["grad_norms"], rel=rel), name  # FSDP2's global norm
         assert two[name]["final_val_loss"] == pytest.approx(one[name]["final_val_loss"], rel=rel), name
-        assert two[name]["state_mb"] < one[name]["state_mb"]  # each rank holds a shard of the state
+        # the shards of all the ranks together (rank 0's alone had been reported, half the state): one
+        # process's state, and a little more (CAME: 1.7% on this model), the step counts and CAME's
+        # statistics along a split dim being whole on each rank
+        assert one[name]["state_mb"] <= two[name]["state_mb"] < 1.05 * one[name]["state_mb"], name
 
 
 def test_nproc_must_divide_the_batch(tmp_path, capsys):

@@ -6,7 +6,7 @@ import argparse
 import difflib
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = lambda key: f"(default {DEFAULTS[key]}; --quick: {QUICK[key]})"  # noqa: E731
     parser.add_argument("--data", metavar="PATH", help="a text file or a folder of text files (default: Python's pydoc topics)")
     parser.add_argument(
-        "--optimizers", metavar="NAME", nargs="+",
+        "--optimizers", metavar="NAME", nargs="+", action="extend",
         help=f"optimizers to compare, space- or comma-separated, from shine.list_optimizers() (default: {','.join(DEFAULT_OPTIMIZERS)})",
     )  # fmt: skip
     parser.add_argument("--steps", type=_positive_int, help=f"training steps per run {size('steps')}")
@@ -59,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -89,7 +92,7 @@ def parse_lr_specs(specs: list[str], known: list[str]) -> dict[str, tuple[float,
             raise ValueError(f"--lr {spec!r}: {values!r} is not a number or comma-separated numbers") from None
         if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
             raise ValueError(f"--lr {spec!r}: learning rates must be positive and finite")
-        grids[name] = lrs
+        grids[name] = tuple(dict.fromkeys(lrs))  # an lr given twice (1e-3,0.001) is one lr, not two seeds
     return grids
 
 
@@ -166,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         config = build_config(args)
-        task = config.task
-        corpus = load_corpus(args.data, task.seq_len)
+        corpus = load_corpus(args.data, config.task.seq_len)
+        task = config.task = replace(config.task, data_sha256=corpus.sha256)
         log = RunLog(config.out_dir, task, config.resume)
+        if not config.resume:  # a new arena: an earlier one's reports there would not match its run log
+            report.remove_reports(config.out_dir)
     except (ValueError, OSError) as err:
         print(f"shine arena: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ library's own top-level .py sources.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,20 +68,18 @@ class ByteCorpus:
     train: torch.Tensor  # int64 byte values
     val: torch.Tensor
     source: str
+    sha256: str = ""  # of all the bytes
 
     @classmethod
     def from_bytes(cls, data: bytes, seq_len: int, source: str) -> ByteCorpus:
         """Split `data`; raises ValueError when either part is shorter than one window."""
+        if not _split_fits(len(data), seq_len):
+            need = next(n for n in itertools.count(int(seq_len / VAL_FRACTION)) if _split_fits(n, seq_len))
+            raise ValueError(f"{source}: {len(data)} bytes is too little text for --seq-len {seq_len}; "
+                             f"need at least {need} bytes")
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-        n_val = int(len(tokens) * VAL_FRACTION)
-        split = len(tokens) - n_val
-        corpus = cls(train=tokens[:split], val=tokens[split:], source=source)
-        if min(len(corpus.train), len(corpus.val)) <= seq_len:
-            raise ValueError(
-                f"{source}: {len(data)} bytes is too little text for --seq-len {seq_len}; "
-                f"need at least {int((seq_len + 1) / VAL_FRACTION) + 1} bytes"
-            )
-        return corpus
+        split = len(tokens) - int(len(tokens) * VAL_FRACTION)
+        return cls(train=tokens[:split], val=tokens[split:], source=source, sha256=hashlib.sha256(data).hexdigest())
 
     def train_batches(self, batch_size: int, seq_len: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless (input, target) batches of random train windows; the order depends on `seed` only."""
@@ -99,6 +100,12 @@ def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[
     idx = starts[:, None] + torch.arange(seq_len + 1)
     window = tokens[idx]
     return window[:, :-1], window[:, 1:]
+
+
+def _split_fits(n: int, seq_len: int) -> bool:
+    """Whether `n` bytes split into train and validation parts longer than one window each."""
+    n_val = int(n * VAL_FRACTION)
+    return min(n - n_val, n_val) > seq_len
 
 
 def load_corpus(path: str | Path | None, seq_len: int) -> ByteCorpus:

@@ -8,7 +8,9 @@ Rank 0 alone prints, shows progress and writes the reports.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
+import threading
 from typing import Callable
 
 import torch
@@ -54,14 +56,32 @@ def global_mean(value: torch.Tensor) -> float:
     return value.item()
 
 
+def global_sum(value: float, device: str | torch.device) -> float:
+    """The sum of a number over the processes (itself outside a process group); ``device``: where
+    the process group's collectives run (CUDA for nccl)."""
+    if world()[1] > 1:
+        total = torch.tensor(float(value), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.item()
+    return value
+
+
 def launch(nproc: int, device: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``body(args)`` in ``nproc`` processes joined in a process group on 127.0.0.1; rank 0's status."""
     with socket.socket() as s:  # a free local port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     status = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    torch.multiprocessing.start_processes(_worker, args=(nproc, port, device, body, args, status), nprocs=nproc,
-                                          start_method="spawn")
+    # Ctrl-C reaches the ranks too, and rank 0 reports what finished: this process waits for them
+    # (a handler of its own, not SIG_IGN, which the spawned interpreters would inherit)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: None) if main else None
+    try:
+        torch.multiprocessing.start_processes(_worker, args=(nproc, port, device, body, args, status), nprocs=nproc,
+                                              start_method="spawn")
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
     return status.get()
 
 

@@ -95,7 +95,8 @@ def summarize(records: Sequence[dict[str, Any]], names: Sequence[str], baseline:
     """One row per optimizer at its best lr (lowest mean final validation loss), best row first.
 
     Each row keeps its whole lr grid. A row "ties" the best when its mean differs by less than
-    two standard deviations (the larger of the two rows'), as ALGORITHMS.md asks.
+    two standard deviations (the larger of the two rows'), as the project's notes on fair
+    comparisons ask.
     """
     rows = []
     for name in names:
@@ -188,10 +189,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+#: The files :func:`write_reports` writes into the output folder.
+REPORTS = ("results.json", "results.md", "loss_curves.png")
+
+
+def remove_reports(out_dir: Path) -> None:
+    """Delete an earlier arena's reports from ``out_dir`` (a new arena there starts its run log over)."""
+    for name in REPORTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def write_reports(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[Path]:
     """Write results.json, results.md and (with matplotlib) loss_curves.png; return the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    json_path, md_path = out_dir / REPORTS[0], out_dir / REPORTS[1]
     json_path.write_text(json.dumps(_json_safe({**header, "summary": rows, "runs": records}), indent=1) + "\n")
     task = header["task"]
     md_path.write_text(
@@ -203,7 +214,7 @@ def write_reports(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
         f"{markdown_table(rows)}\n\n## Learning rates tried\n\n{markdown_lr_grid(rows)}\n"
     )
     written = [json_path, md_path]
-    png = plot_curves(out_dir / "loss_curves.png", records, rows)
+    png = plot_curves(out_dir / REPORTS[2], records, rows)
     return written + ([png] if png else [])
 
 

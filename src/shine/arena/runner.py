@@ -60,6 +60,7 @@ class Task:
     seq_len: int
     device: str
     nproc: int = 1  # processes training each run under FSDP2 (--nproc)
+    data_sha256: str = ""  # of the corpus's bytes: a file changed since is another task
 
     @property
     def warmup_steps(self) -> int:
@@ -184,7 +185,7 @@ def train_run(
         "clipped_fraction": sum(n > GRAD_CLIP for n in grad_norms) / steps_done,
         "time_per_step_s": train_time / steps_done,
         "tokens_per_s": task.batch_size * task.seq_len * steps_done / max(train_time, 1e-9),
-        "state_mb": shine.optimizer_state_bytes(opt) / 1e6,
+        "state_mb": parallel.global_sum(shine.optimizer_state_bytes(opt), task.device) / 1e6,  # every process's shard
     }
 
 
@@ -198,15 +199,18 @@ class RunLog:
         self.path = out_dir / LOG_NAME
         self.records: list[dict[str, Any]] = []
         header = {"task": asdict(task)}
-        if resume and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            if lines and json.loads(lines[0]) != header:
+        lines = self.path.read_text().splitlines() if resume and self.path.exists() else []
+        if lines:
+            if not _is_complete_json(lines[0]) or json.loads(lines[0]) != header:
                 raise ValueError(
-                    f"--resume: {self.path} holds runs of another task ({lines[0]}); "
+                    f"--resume: {self.path} holds runs of another task ({lines[0][:300]}); "
                     "use the same arguments, another --out, or drop --resume"
                 )
-            self.records = [json.loads(line) for line in lines[1:] if _is_complete_json(line)]
-        else:
+            complete = [line for line in lines[1:] if _is_complete_json(line)]
+            self.records = [json.loads(line) for line in complete]
+            if len(complete) < len(lines) - 1:  # drop a torn line, so that the next record starts a line
+                self.path.write_text("\n".join([lines[0], *complete]) + "\n")
+        else:  # a new log (an empty one too: it has no header to resume from)
             out_dir.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(header) + "\n")
 
