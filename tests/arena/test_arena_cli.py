@@ -114,6 +114,26 @@ def test_resume_after_a_torn_or_empty_log(tmp_path, monkeypatch):
     assert calls == ["lion", "adamw"]
 
 
+def test_ctrl_c_keeps_finished_runs_and_resume_runs_the_rest(tmp_path, monkeypatch, capsys):
+    train_run = command.train_run
+
+    def interrupted_second_run(*args, **kwargs):
+        if args[2] == "lion":
+            raise KeyboardInterrupt
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(command, "train_run", interrupted_second_run)
+    assert arena("--optimizers", "adamw", "lion", *SMALL, out=tmp_path) == 130
+    assert "add --resume" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["complete"] and [r["optimizer"] for r in results["runs"]] == ["adamw"]
+    assert "**Partial**: interrupted after 1 finished run(s)" in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(command, "train_run", train_run)
+    assert arena("--optimizers", "adamw", "lion", *SMALL, "--resume", out=tmp_path) == 0
+    assert [r["optimizer"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == ["adamw", "lion"]
+    assert "Partial" not in (tmp_path / "results.md").read_text()
+
+
 def test_a_new_arena_in_a_used_folder_removes_the_old_reports(tmp_path, monkeypatch):
     """Without --resume the run log starts over, and the reports of the arena before go with it (an
     interrupted new arena had left them beside a log that no longer held their runs)."""

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--sweep", action="store_true",
-        help=f"try each optimizer at its lr times {', '.join(f'{f:.3g}' for f in SWEEP_FACTORS)}; keep the best, report all",
+        help=f"try each optimizer at its lr times {', '.join(f'{f:.3g}' for f in SWEEP_FACTORS)}; keep the best, report all "
+             "(an optimizer given several lrs by --lr keeps those)",
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when present; default)")
     parser.add_argument("--nproc", type=_positive_int, default=1,

@@ -211,7 +211,9 @@ def write_reports(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
         f"{task['batch_size']} x {task['seq_len']} bytes on {task['device']}. "
         "Validation loss in nats per byte, final step, mean ± std over seeds, each optimizer at "
         "its best lr. Differences under two standard deviations are ties.\n\n"
-        f"{markdown_table(rows)}\n\n## Learning rates tried\n\n{markdown_lr_grid(rows)}\n"
+        + ("" if header.get("complete", True) else
+           f"**Partial**: interrupted after {len(records)} finished run(s); `--resume` runs the rest.\n\n")
+        + f"{markdown_table(rows)}\n\n## Learning rates tried\n\n{markdown_lr_grid(rows)}\n"
     )
     written = [json_path, md_path]
     png = plot_curves(out_dir / REPORTS[2], records, rows)
