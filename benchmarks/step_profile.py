@@ -7,8 +7,10 @@ GPT-2-shaped parameters, the median wall time of a step, the summed device time 
 (torch.profiler), the number of kernels launched, and the bytes the step must move over that
 kernel time (effective bandwidth while the kernels run). ``--per-tensor-form`` also times each multi-tensor
 row in the CPU's form (per-tensor kernels for caution's mask and CAME's passes), to weigh the
-GPU's multi-tensor form against it in one process; ``--bucket-fused`` each fused row as one
-compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``).
+GPU's multi-tensor form against it in one process; ``--launch-per-scale`` each cautious, MARS and
+CAME multi-tensor row as that form was before its per-tensor scales went to the host as numbers
+and CAME's matrices of one shape in stacks; ``--bucket-fused`` each fused row as one compiled call
+per bucket (``engine.BUCKET_FUSED_DEVICES``).
 ``--host N`` also prints, per row, the N host-side operations that took the most self CPU time
 (where a host-bound step spends it); ``--kernels N`` the N kernels that took the most device time.
 ``--small-first`` first steps each optimizer on two small tensors, so that its compiled graphs are
@@ -30,22 +32,30 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from shine import bench, create_optimizer, engine, optimizer_state_bytes, tensorlist  # noqa: E402
+from shine.rules import came  # noqa: E402
 
 
 @contextlib.contextmanager
 def variant(form: str):
     """``"per-tensor form"``: the multi-tensor path in the form the CPU takes (per-tensor kernels
     for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"bucket"``: the
-    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``""``: as is."""
-    saved = tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES
+    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``"launch per
+    scale"``: the GPU form without its per-tensor scales as host numbers and CAME's stacks
+    (``tensorlist.HOST_SCALARS``, ``rules.came.STACKED``, ``engine.FACTORED_GROUP_NUMEL`` 2^24), as
+    it was before them. ``""``: as is."""
+    saved = (tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, tensorlist.HOST_SCALARS, came.STACKED,
+             engine.FACTORED_GROUP_NUMEL)
     if form == "per-tensor form":
         tensorlist.PER_TENSOR_DEVICES = saved[0] | {"cuda"}
     elif form == "bucket":
         engine.BUCKET_FUSED_DEVICES = saved[1] | {"cuda"}
+    elif form == "launch per scale":
+        tensorlist.HOST_SCALARS, came.STACKED, engine.FACTORED_GROUP_NUMEL = False, False, 1 << 24
     try:
         yield
     finally:
-        tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES = saved
+        (tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, tensorlist.HOST_SCALARS, came.STACKED,
+         engine.FACTORED_GROUP_NUMEL) = saved
 
 
 def profile_step(build, params, steps: int = 10, host: int = 0, top_kernels: int = 0) -> dict[str, float]:
@@ -93,6 +103,9 @@ def main(argv=None) -> int:
                         help="compile each optimizer on two small tensors before timing it")
     parser.add_argument("--per-tensor-form", action="store_true",
                         help="also time the cautious and CAME foreach rows in the CPU's per-tensor form")
+    parser.add_argument("--launch-per-scale", action="store_true",
+                        help="also time the cautious, MARS and CAME foreach rows without per-tensor scales as host "
+                             "numbers and CAME's stacks (the GPU form before them)")
     parser.add_argument("--bucket-fused", action="store_true",
                         help="also time each fused row as one compiled call per bucket")
     args = parser.parse_args(argv)
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
             rows.append((name, path, "", build))
             if path == "foreach" and args.per_tensor_form and ("came" in name or name.startswith("c-")):
                 rows.append((f"{name} (per-tensor form)", path, "per-tensor form", build))
+            if path == "foreach" and args.launch_per_scale and ("came" in name or "mars" in name or name.startswith("c-")):
+                rows.append((f"{name} (launch per scale)", path, "launch per scale", build))
             if path == "fused" and args.bucket_fused:
                 rows.append((f"{name} (bucket)", path, "bucket", build))
     for label, path, form, build in rows:
