@@ -287,7 +287,9 @@ class ShineOptimizer(Optimizer):
         for group, ps in active:
             for p in ps:
                 check_grad(p.grad, name, p.dtype)
-                self._check_state_dtype(group, p)  # a model cast after construction (model.double())
+            if group.get("state_dtype") is not None:  # a model cast after construction (model.double())
+                for p in ps:
+                    self._check_state_dtype(group, p)
         params = [p for _, ps in active for p in ps]
         scale = self._clip_scale(params)
         if scale is None:

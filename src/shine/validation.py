@@ -19,6 +19,9 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, list, torch.dtype})
+
+
 def plain_numbers(group: dict[str, Any]) -> None:
     """Replace, in place, a group's NumPy scalars (``np.float32(1e-3)``, as a ``LambdaLR`` whose
     lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``, by
@@ -29,7 +32,7 @@ def plain_numbers(group: dict[str, Any]) -> None:
 
 
 def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, list)):
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # the usual values, at every step
         return value
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
