@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..distributed import placed_like
+from ..distributed import is_dtensor, placed_like
 from .apply import Quotient
 from .ema import ema_
 from .hoist import hoist
@@ -179,7 +179,7 @@ def came_factored(x, *state, **hyper):
         if not multi_tensor_preferred(x):
             return _came_factored_by_matrix(x, *state, **hyper)
         shapes = {(row.shape, col.shape[-1]) for row, col in zip(state[1], state[2])}
-        if STACKED and len(x) >= STACK_AVERAGE * len(shapes):
+        if STACKED and len(x) >= STACK_AVERAGE * len(shapes) and not is_dtensor(x.tensors[0]):
             return _came_factored_stacked(x, *state, **hyper)
     return _came_factored(x, *state, **hyper)
 
@@ -265,7 +265,8 @@ def _came_factored_stacked(x, *state, **hyper):
     shapes for 50 matrices), and the element-wise passes stay multi-tensor kernels over the
     stacks. A stack of several matrices is a copy: the gradient's and the state's in, the
     state's back out; a matrix alone of its shape goes as a stack of one, a view of itself (its
-    state written in place)."""
+    state written in place). Plain tensors only: DTensors, which reach here where their local
+    shards cannot be stepped alone, stay matrices."""
     x, *state = (seq.tensors for seq in (x, *state))
     views = [(*row.shape, col.shape[-1]) for row, col in zip(state[1], state[2])]
     groups: dict[tuple, list[int]] = {}
