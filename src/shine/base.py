@@ -413,9 +413,14 @@ class ShineOptimizer(Optimizer):
             return None
         checked = [(p, p.grad, "gradient") for p in params] + [(p, t, "stashed gradient (exact mode's g_prev)")
                                                              for p, t in self._also_checked(params)]
-        bad, _, what = next(item for item in checked if not torch.isfinite(item[1]).all())
-        raise RuntimeError(f"{type(self).__name__}: non-finite {what} (NaN or inf) in parameter #{self._index(bad)} "
-                           f"of shape {tuple(bad.shape)}; no state was changed. Pass nonfinite='skip' to skip such steps.")
+        found = next((item for item in checked if not torch.isfinite(item[1]).all()), None)
+        if found is None:  # the processes agreed on the check, and the bad values are in another one's shard
+            where = "gradient (NaN or inf) in another process's shard"
+        else:
+            bad, _, what = found
+            where = f"{what} (NaN or inf) in parameter #{self._index(bad)} of shape {tuple(bad.shape)}"
+        raise RuntimeError(f"{type(self).__name__}: non-finite {where}; no state was changed. "
+                           f"Pass nonfinite='skip' to skip such steps.")
 
 
 def with_load_hooks(optimizer: Optimizer, state_dict: dict[str, Any], load: Callable[[dict[str, Any]], None]) -> None:

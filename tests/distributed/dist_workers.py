@@ -313,7 +313,8 @@ def job_checkpoint(rank: int, world: int, labels: list[str], root: str):
 
 # ---- non-finite gradients on one shard ----------------------------------------------------
 def job_nonfinite(rank: int, world: int, labels: list[str]):
-    """A NaN in ONE rank's shard of one gradient: every rank must skip (or raise) alike."""
+    """A NaN in ONE rank's shard of one gradient: every rank must skip, or raise the same error,
+    alike. {label: (each rank's skipped steps, parameters unchanged, each rank's error when raising)}."""
     results = {}
     for label in labels:
         model = wrap(new_model(), "fsdp", world)
@@ -321,17 +322,25 @@ def job_nonfinite(rank: int, world: int, labels: list[str]):
         opt = shine.create_optimizer(model, name, lr=LR[name.removeprefix("c-")], nonfinite="skip", **extra)
         train(model, opt, range(2), rank, world)
         before = full_params(model)
-        opt.zero_grad()
-        x, y = batch(2, rank, world)
-        nn.functional.mse_loss(model(x), y).backward()
-        if rank == world - 1:
-            model.fc2.weight.grad.to_local()[0, 0] = float("nan")
-        opt.step()
+        errors = []
+        for mode in ("skip", "raise"):
+            opt.nonfinite = mode
+            opt.zero_grad()
+            x, y = batch(2, rank, world)
+            nn.functional.mse_loss(model(x), y).backward()
+            if rank == world - 1:
+                model.fc2.weight.grad.to_local()[0, 0] = float("nan")
+            try:
+                opt.step()
+            except Exception as err:  # every rank must raise this one, naming what it can see
+                errors.append(type(err).__name__ + (": another process" if "another process" in str(err) else ""))
         after = full_params(model)
         skipped = torch.tensor([opt.skipped_steps])
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
         dist.all_gather(gathered, skipped)
-        results[label] = ([int(s) for s in gathered], all(torch.equal(before[k], after[k]) for k in before))
+        raised = [None] * world
+        dist.all_gather_object(raised, errors)
+        results[label] = ([int(s) for s in gathered], all(torch.equal(before[k], after[k]) for k in before), raised)
     return results
 
 

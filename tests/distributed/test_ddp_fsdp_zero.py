@@ -107,9 +107,12 @@ def test_fused_falls_back_with_one_warning(suite):
 
 @pytest.mark.parametrize("label", NONFINITE)
 def test_nan_in_one_shard_skips_on_every_rank(suite, label):
-    skipped, unchanged = suite["nonfinite"][label]
+    """And with nonfinite="raise", every rank raises the RuntimeError: the ranks whose shards are
+    finite say the NaN is in another process's (they had raised StopIteration, looking for it)."""
+    skipped, unchanged, raised = suite["nonfinite"][label]
     assert skipped == [1] * WORLD
     assert unchanged
+    assert raised == [["RuntimeError: another process"]] * (WORLD - 1) + [["RuntimeError"]]
 
 
 @pytest.mark.parametrize("label", FSDP1)
