@@ -124,7 +124,8 @@ def main(argv=None) -> int:
             rows.append((name, path, "", build))
             if path == "foreach" and args.per_tensor_form and ("came" in name or name.startswith("c-")):
                 rows.append((f"{name} (per-tensor form)", path, "per-tensor form", build))
-            if path == "foreach" and args.launch_per_scale and ("came" in name or "mars" in name or name.startswith("c-")):
+            scaled = "came" in name or "mars" in name or name.startswith("c-")
+            if path == "foreach" and args.launch_per_scale and scaled:
                 rows.append((f"{name} (launch per scale)", path, "launch per scale", build))
             if path == "fused" and args.bucket_fused:
                 rows.append((f"{name} (bucket)", path, "bucket", build))

@@ -202,8 +202,9 @@ class ShineOptimizer(Optimizer):
         saved = state_dict["state"]
         for index, group in enumerate(state_dict["param_groups"]):
             # torch.optim.AdamW's and Adam's option of another rule, whose state (max_exp_avg_sq) would go unread
-            require(not group.get("amsgrad"), f"{type(self).__name__}.load_state_dict: parameter group #{index} was "
-                                              f"saved with amsgrad=True, which {type(self).__name__} does not implement")
+            name = type(self).__name__
+            require(not group.get("amsgrad"), f"{name}.load_state_dict: parameter group #{index} was saved with "
+                                              f"amsgrad=True, which {name} does not implement")
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):

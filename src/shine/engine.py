@@ -418,9 +418,8 @@ FOREACH_GROUP_NUMEL: dict[str, int] = {"cpu": 262_144}
 #: on GPT-2 small's parameters (``benchmarks/passes.py``'s counter), 166 launches a step at 2^27
 #: elements (2 GiB of temporaries), 325 at 2^26, 448 at 2^25 and 695 at 2^24, the limit before,
 #: where the groups are too small to stack (not timed on a GPU yet). (CAME had gone matrix by
-#: matrix, kernel by kernel,
-#: everywhere: on an H200 that step was host-bound, 43 ms of wall time for 9.6 ms of kernels on
-#: GPT-2 small, where pytorch-optimizer's multi-tensor CAME took half the time.)
+#: matrix, kernel by kernel, everywhere: on an H200 that step was host-bound, 43 ms of wall time for
+#: 9.6 ms of kernels on GPT-2 small, where pytorch-optimizer's multi-tensor CAME took half the time.)
 FACTORED_GROUP_NUMEL = 1 << 26
 
 
@@ -887,12 +886,12 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     values over 16 offsets of one vector): the clip then differed in its last bits between
     processes. Other devices get one multi-tensor norm kernel.
     """
-    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}  # device, dtype of the sums
     for g in grads:
         if g.numel():
-            by_device.setdefault((g.device, torch.promote_types(g.dtype, dtype)), []).append(g)
+            by_kind.setdefault((g.device, torch.promote_types(g.dtype, dtype)), []).append(g)
     totals: dict[torch.device, list[Tensor]] = {}
-    for (device, wide), gs in by_device.items():
+    for (device, wide), gs in by_kind.items():
         if device.type != "cpu":
             squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=wide)]
         else:

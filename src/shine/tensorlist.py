@@ -58,7 +58,8 @@ class TensorList:
         number stays a number there, and reading a 0-d tensor's value is no synchronisation.)"""
         if isinstance(x, (int, float)) and not isinstance(x, bool) and len(self.tensors) > 2:
             t = self.tensors[0]
-            if t.device.type == "cpu" and "cpu" in PER_TENSOR_DEVICES and t.dtype in _EXACT_0D_DTYPES and not is_dtensor(t):
+            on_cpu = t.device.type == "cpu" and "cpu" in PER_TENSOR_DEVICES
+            if on_cpu and t.dtype in _EXACT_0D_DTYPES and not is_dtensor(t):
                 return torch.tensor(x, dtype=t.dtype)
         if isinstance(x, TensorList) and HOST_SCALARS and _scalars_for(x, self):
             return host_values(x)

@@ -100,7 +100,10 @@ class Cautious(Optimizer):
         A ``closure`` goes to the inner step, which may evaluate it several times (LBFGS); the
         gradient the mask compares with is the one of its first evaluation, at the parameters the
         step starts from."""
-        params = [(p, g.get("maximize", False)) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        # without a closure, only the parameters the inner step moves (those with a gradient) need a
+        # copy; a closure may give the others one
+        params = [(p, g.get("maximize", False)) for g in self.param_groups for p in g["params"]
+                  if p.requires_grad and (closure is not None or p.grad is not None)]
         before = [p.clone() for p, _ in params]
         if closure is None:
             loss, grads = self.inner.step(), [p.grad for p, _ in params]
