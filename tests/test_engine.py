@@ -9,14 +9,14 @@ from shine import engine
 SHAPES = [(), (5,), (3, 7), (7, 3), (4, 3, 3, 3), (40,), (9, 9), (2,)]
 
 
-def test_groups_are_consecutive_and_bounded():
+def test_groups_are_consecutive_and_bounded(monkeypatch):
     """Consecutive ranges covering every tensor, each of at most the limit's elements unless it
     is one tensor larger than that."""
+    monkeypatch.setitem(engine.FOREACH_GROUP_NUMEL, "cpu", 262_144)
     pipe = engine.Pipeline(shine.rules.adamw, ("exp_avg", "exp_avg_sq"), ())
     sizes = [100, 200_000, 100_000, 5, 300_000, 7]
     groups = engine._foreach_groups(pipe, [torch.empty(n) for n in sizes])
     assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
-    assert engine.FOREACH_GROUP_NUMEL["cpu"] == 262_144
     shaped = engine.Pipeline(shine.rules.orthogonal_momentum, (), ())  # Newton-Schulz, tensor by tensor: one group
     assert engine._foreach_groups(shaped, [torch.empty(n) for n in sizes]) == [(0, 6)]
 
@@ -30,7 +30,7 @@ def test_factored_came_groups(monkeypatch):
     sizes = [100, 200_000, 100_000, 5, 300_000, 7]
     assert engine._foreach_groups(came, [torch.empty(n) for n in sizes]) == [(0, 6)]
     elsewhere = [torch.empty(n, device="meta") for n in sizes]
-    assert engine.FACTORED_GROUP_NUMEL == 1 << 26
+    monkeypatch.setattr(engine, "FACTORED_GROUP_NUMEL", 1 << 26)
     assert engine._foreach_groups(came, elsewhere) == [(0, 6)]
     monkeypatch.setattr(engine, "FACTORED_GROUP_NUMEL", 400_000)
     assert engine._foreach_groups(came, elsewhere) == [(0, 4), (4, 6)]

@@ -87,3 +87,8 @@ def generated_code(fn, *args) -> str:
     with torch._inductor.config.patch(fx_graph_cache=False):
         _, code = run_and_get_code(fn, *args)
     return "\n".join(code)
+
+
+def bf16_spacing(x):
+    """The distance from each element of ``x`` (bf16 values) to the next bf16 value away from 0."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny))[1] - 8)
