@@ -2,6 +2,7 @@
 import copy
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -621,17 +622,45 @@ def test_exact_mode_with_a_grad_scaler_is_the_unscaled_run(name):
 
 @pytest.mark.parametrize("name", EXACT)
 def test_exact_mode_checks_the_stashed_gradient_it_uses(name):
-    """A stashed gradient that is not finite is caught by the non-finite check of the step that
-    uses it, the next one (it had gone into the correction unchecked, and made the weights NaN):
-    that step raises, or is skipped, after which the steps go on, with the newer stash as their
-    ``g_prev`` (a skipped step had kept its own for the next)."""
-    with pytest.raises(RuntimeError, match="non-finite"):
+    """A stashed gradient that is not finite (it had gone into the correction unchecked, and made
+    the weights NaN): with ``nonfinite="raise"``, ``stash_grad`` raises and stashes nothing; with
+    ``"skip"``, the step that uses it is skipped, after which the steps go on, with the newer stash
+    as their ``g_prev`` (a skipped step had kept its own for the next)."""
+    with pytest.raises(RuntimeError, match=r"stash_grad\(\): non-finite gradient .* parameter #0"):
         _exact_run(EXACT[name], stash_at_inf=1)
     with pytest.warns(RuntimeWarning, match="step skipped"):
         weight, opt = _exact_run(lambda ps: EXACT[name](ps, nonfinite="skip"), stash_at_inf=1)
     assert opt.skipped_steps == 1 and torch.isfinite(weight).all()
     state = next(iter(opt.state.values()))
     assert state["step"].item() == 4 and torch.isfinite(state["prev_grad"]).all()
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_a_refused_stash_keeps_the_previous_one_and_a_recomputed_one_goes_on(name):
+    """After ``stash_grad`` refused a non-finite gradient, a finite one stashed again is used as if
+    the refused call had not happened (the refused stash had stayed the next step's ``g_prev``,
+    and every step after it raised)."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = EXACT[name]([p])
+    twin = copy.deepcopy(p)
+    twin_opt = EXACT[name]([twin])
+    gen = torch.Generator().manual_seed(0)
+    for t in range(3):
+        stash, grad = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+        if t == 1:
+            p.grad = stash.clone()
+            p.grad[2, 1] = math.nan
+            previous = {k: v.clone() for k, v in opt.state[p].items()}
+            with pytest.raises(RuntimeError, match="nothing was stashed"):
+                opt.stash_grad()
+            assert opt.state[p].keys() == previous.keys()
+            assert all(torch.equal(opt.state[p][k], v) for k, v in previous.items())
+        for q, o in ((p, opt), (twin, twin_opt)):
+            q.grad = stash.clone()
+            o.stash_grad()
+            q.grad = grad.clone()
+            o.step()
+    assert torch.equal(p, twin)
 
 
 def test_mars_exact_closure_protocol_matches_manual_protocol():
@@ -899,6 +928,85 @@ def test_numpy_numbers_are_taken_as_python_numbers():
 def test_bad_hyperparameters_are_named(ctor, match):
     with pytest.raises(ValueError, match=match):
         ctor()
+
+
+@pytest.mark.parametrize("ctor, match", [
+    (lambda: shine.AdamW(P, eps=0.0), "Invalid eps: 0.0 .* 0/0 = NaN"),
+    (lambda: shine.MARS(P, eps=0), "Invalid eps: 0"),
+    (lambda: shine.CAME(P, lr=1e-3, eps=(0.0, 1e-16)), r"Invalid eps\[0\]"),
+    (lambda: shine.MARS(P, lr=[1e-3]), r"Invalid lr: \[0.001\]"),
+    (lambda: shine.AdamW(P, stochastic_rounding=1), "Invalid stochastic_rounding: 1"),
+    (lambda: shine.AdamW(P, fused="False"), "Invalid fused: 'False'"),
+    (lambda: shine.AdamW(P, maximize="False"), "Invalid maximize: 'False'"),
+    (lambda: shine.AdamW([{"params": P, "state_dtype": torch.float16}]), "Invalid state_dtype: torch.float16"),
+    (lambda: shine.Lion([{"params": P, "cautious": 1}]), "Invalid cautious: 1"),
+    (lambda: shine.AdamW([{"params": P + P}]), "lists a parameter more than once"),
+])
+def test_bad_group_options_are_named(ctor, match):
+    """Group options are checked as the constructor's arguments are (a group's ``state_dtype``
+    float16 had made fp16 state, whose second moments underflow; ``maximize="False"`` maximized),
+    eps 0 is refused (0/0 where a gradient element is 0), and so is a parameter listed twice in a
+    group (its paths disagreed: the gradient counted twice on one, once on another)."""
+    with pytest.raises(ValueError, match=match):
+        ctor()
+
+
+@pytest.mark.parametrize("group", [{"lr": -1.0}, {"state_dtype": torch.float16}, {"maximize": "yes"},
+                                   {"dtype": torch.complex64}], ids=["lr", "state_dtype", "maximize", "complex"])
+def test_a_refused_param_group_is_not_added(group):
+    """``add_param_group`` with a bad group raises and leaves the optimizer as it was: it had kept
+    the group, so every later step raised, and adding the fixed group said the parameter was
+    already in one."""
+    a = nn.Parameter(torch.randn(3))
+    opt = shine.AdamW([a])
+    dtype = group.pop("dtype", torch.float32)
+    b = nn.Parameter(torch.randn(3, dtype=dtype))
+    with pytest.raises(ValueError, match="Invalid|complex"):
+        opt.add_param_group({"params": [b], **group})
+    assert len(opt.param_groups) == 1
+    a.grad = torch.ones(3)
+    opt.step()
+    if not b.is_complex():
+        opt.add_param_group({"params": [b]})
+        b.grad = torch.ones(3)
+        opt.step()
+        assert len(opt.param_groups) == 2 and opt.state[b]["step"] == 1
+
+
+@pytest.mark.parametrize("name", ["adamw", "mars-adamw"])
+def test_options_set_after_construction_are_checked_at_the_step(name):
+    """``max_grad_norm`` and ``nonfinite`` are attributes a user may set at any time (a negative
+    ``max_grad_norm`` had turned the step into ascent), and a group's ``approx`` is checked before
+    exact mode reads it."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = make(name, [p])
+    p.grad = torch.randn(4, 3)
+    before = p.detach().clone()
+    for attribute, value, match in (("max_grad_norm", -1.0, "Invalid max_grad_norm"),
+                                    ("nonfinite", "warn", "Invalid nonfinite")):
+        setattr(opt, attribute, value)
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        setattr(opt, attribute, {"max_grad_norm": None, "nonfinite": "raise"}[attribute])
+    if name == "mars-adamw":
+        opt.param_groups[0]["approx"] = None
+        with pytest.raises(ValueError, match="Invalid approx: None"):
+            opt.step()
+    assert torch.equal(p, before) and not opt.state
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3,), (4, 1)])
+def test_gradient_of_another_shape_is_an_error_that_changes_nothing(shape):
+    """A gradient whose shape is not its parameter's (set through ``.grad.data``) is an error naming
+    both shapes before anything is written; a broadcastable one had stepped silently."""
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    opt = shine.AdamW([a, b])
+    a.grad, b.grad = torch.randn(4, 3), torch.randn(4, 3)
+    b.grad.data = torch.randn(shape)
+    before = a.detach().clone(), b.detach().clone()
+    with pytest.raises(RuntimeError, match=rf"shape \(4, 3\); got {re.escape(str(shape))}"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
 
 
 def test_sparse_gradient_is_rejected():

@@ -79,13 +79,9 @@ class ShineOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, foreach: bool | None, fused: bool | None,
                  nonfinite: str, state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
                  max_grad_norm: float | None = None):
-        check_choice("nonfinite", nonfinite, NONFINITE)
-        if max_grad_norm is not None:
-            check_finite_nonneg("max_grad_norm", max_grad_norm, positive=True)
-        check_choice("state_dtype", state_dtype, STATE_DTYPES)
-        check_choice("stochastic_rounding", stochastic_rounding, (None, True, False))
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
+        self._check_options()
         self.last_grad_norm: float | None = None
         self.skipped_steps = 0
         super().__init__(params, {**defaults, "foreach": foreach, "fused": fused, "state_dtype": state_dtype,
@@ -111,9 +107,21 @@ class ShineOptimizer(Optimizer):
     def _pipeline(self, group: dict[str, Any], route: Hashable) -> tuple[Pipeline, dict[str, Any]]:
         raise NotImplementedError
 
+    def _check_options(self) -> None:
+        """The options that are attributes, not group keys (they may be set at any time)."""
+        check_choice("nonfinite", self.nonfinite, NONFINITE)
+        if self.max_grad_norm is not None:
+            check_finite_nonneg("max_grad_norm", self.max_grad_norm, positive=True)
+
     def _validate(self, group: dict[str, Any]) -> None:
-        """The group's NumPy numbers as Python ones (:func:`plain_numbers`), then ``_check_group``."""
+        """The group's NumPy numbers as Python ones (:func:`plain_numbers`), then its options every
+        optimizer has, then ``_check_group``."""
         plain_numbers(group)
+        for key in ("cautious", "maximize"):
+            require(type(group[key]) is bool, f"Invalid {key}: {group[key]!r} (expected a bool)")
+        for key in ("foreach", "fused", "stochastic_rounding"):
+            check_choice(key, group[key], (None, True, False))
+        check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
         self._check_group(group)
 
     def _also_checked(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -127,13 +135,22 @@ class ShineOptimizer(Optimizer):
 
     # ---- torch.optim.Optimizer API -----------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, then shine's checks of the group; a group they refuse is not added."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            check_param(p, type(self).__name__)
-        self._validate(group)
-        for p in group["params"]:
-            self._check_layout(group, p)
+        try:
+            name = type(self).__name__
+            require(len(set(group["params"])) == len(group["params"]),
+                    f"{name}: a parameter group lists a parameter more than once (it would be stepped "
+                    f"with the gradient counted twice on one path and once on another); list each once")
+            for p in group["params"]:
+                check_param(p, name)
+            self._validate(group)
+            for p in group["params"]:
+                self._check_layout(group, p)
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     def _check_layout(self, group: dict[str, Any], p: Tensor) -> None:
         """Refuse a parameter laid out so that the group's math cannot work on it (FSDP1's flat
@@ -282,12 +299,13 @@ class ShineOptimizer(Optimizer):
         """
         name = type(self).__name__
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        self._check_options()
         for group, ps in active:  # hyperparameters set after construction (schedulers, by hand)
             if ps:
                 self._validate(group)
         for group, ps in active:
             for p in ps:
-                check_grad(p.grad, name, p.dtype)
+                check_grad(p.grad, name, p.dtype, p.shape)
             if group.get("state_dtype") is not None:  # a model cast after construction (model.double())
                 for p in ps:
                     self._check_state_dtype(group, p)

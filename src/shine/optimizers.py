@@ -9,10 +9,11 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
-from . import distributed, rules
+from . import distributed, engine, rules
 from .base import ShineOptimizer, decay_factor, group_lr, run_closure, state_zeros
 from .engine import LOW_PRECISION, Pipeline
-from .validation import check_betas, check_choice, check_finite_nonneg, check_lr, require
+from .validation import (check_betas, check_choice, check_eps, check_finite_nonneg, check_lr, plain_numbers,
+                         require)
 
 _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
@@ -25,8 +26,7 @@ _COMMON_DOC = """
 
 
 def _common(cautious: bool, maximize: bool) -> dict[str, Any]:
-    require(isinstance(cautious, bool), f"Invalid cautious: {cautious!r} (expected a bool)")
-    require(isinstance(maximize, bool), f"Invalid maximize: {maximize!r} (expected a bool)")
+    """The group keys every optimizer has (checked with the group, :meth:`ShineOptimizer._validate`)."""
     return {"cautious": cautious, "maximize": maximize}
 
 
@@ -69,7 +69,7 @@ class AdamW(ShineOptimizer):
     def _check_group(self, group):
         _check_lr_wd(group)
         check_betas("betas", group["betas"], 2)
-        check_finite_nonneg("eps", group["eps"])
+        check_eps("eps", group["eps"])
 
     def _route(self, group, p):
         return "adamw"
@@ -156,17 +156,28 @@ class _VarianceReduced(ShineOptimizer):
         copy is unscaled by its current scale (``scaler.step`` unscales only the gradients of the
         step, and a scaled ``g_prev`` made ``g - g_prev`` mix two scales). A stashed gradient that
         is not finite (the backward pass overflowed) is caught by the non-finite check of the step
-        that uses it (``nonfinite``)."""
+        that uses it (``nonfinite="skip"``: the step is skipped), or, with ``nonfinite="raise"``,
+        here: nothing is then stashed, and the previous call's stash stays."""
         name = type(self).__name__
         if all(g["approx"] for g in self.param_groups):
             raise RuntimeError(f"{name}.stash_grad() is for exact mode only (construct with approx=False)")
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        stashed = []
         for p in self._exact_params():
             g = p.grad.float() if p.grad.dtype in LOW_PRECISION else p.grad.clone()
             if scale != 1.0:
                 g.div_(scale)
-            self.state[p]["next_prev_grad"] = g.neg_() if groups[id(p)]["maximize"] else g
+            stashed.append((p, g.neg_() if groups[id(p)]["maximize"] else g))
+        if self.nonfinite == "raise" and not distributed.grads_finite([g for _, g in stashed], engine.grads_finite):
+            bad = next((p for p, g in stashed if not torch.isfinite(g).all()), None)
+            where = ("in another process's shard" if bad is None else
+                     f"in parameter #{self._index(bad)} of shape {tuple(bad.shape)}")
+            raise RuntimeError(f"{name}.stash_grad(): non-finite gradient (NaN or inf) {where}; nothing was "
+                               f"stashed (the previous stash stays). Recompute it, or pass nonfinite='skip' to "
+                               f"skip the step that would use it.")
+        for p, g in stashed:
+            self.state[p]["next_prev_grad"] = g
 
     def _also_checked(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Exact mode's ``g_prev`` of this step (a stashed gradient), checked with the gradients."""
@@ -183,6 +194,8 @@ class _VarianceReduced(ShineOptimizer):
             run_closure(next_closure)
             self.stash_grad()
         loss = run_closure(closure)
+        for group in self.param_groups:  # before _exact_params reads approx (the step checks the rest)
+            self._check_exact(group)
         exact = self._exact_params()
         missing = [p for p in exact if "next_prev_grad" not in self.state[p]]
         if missing:
@@ -267,7 +280,7 @@ class MARS(_VarianceReduced):
         # take it to 0 later
         _check_lr_wd(group, positive_lr="lr_at_construction" not in group)
         check_betas("betas", group["betas"], 2)
-        check_finite_nonneg("eps", group["eps"])
+        check_eps("eps", group["eps"])
         check_finite_nonneg("gamma", group["gamma"])
         require(group["mars_type"] != "came",
                 "Invalid mars_type: 'came' (MARS-CAME is shine.CAME(..., gamma=0.025), or create_optimizer's 'mars-came')")
@@ -288,6 +301,8 @@ class MARS(_VarianceReduced):
         constructor's, as in the reference, unless the group sets its own ``lr_1d``, which is then
         relative to its own first lr (the check of the group sets that)."""
         if "lr_1d" not in param_group:
+            plain_numbers(self.defaults)
+            check_lr(self.defaults["lr"])
             require(group_lr(self.defaults) > 0, f"Invalid lr: {self.defaults['lr']!r} (MARS needs the "
                                                  f"constructor's lr > 0: the other parameters' lr is lr * lr_1d / it)")
             param_group = {"lr_at_construction": group_lr(self.defaults), **param_group}
@@ -382,8 +397,8 @@ class CAME(_VarianceReduced):
         check_betas("betas", group["betas"], 3)
         eps = group["eps"]
         require(isinstance(eps, (tuple, list)) and len(eps) == 2, f"Invalid eps: {eps!r} (expected (eps1, eps2))")
-        check_finite_nonneg("eps[0]", eps[0])
-        check_finite_nonneg("eps[1]", eps[1])
+        check_eps("eps[0]", eps[0])
+        check_eps("eps[1]", eps[1])
         check_finite_nonneg("clip_threshold", group["clip_threshold"], positive=True)
         check_choice("factor_conv", group["factor_conv"], CONV_FACTORING)
         if group["gamma"] is not None:

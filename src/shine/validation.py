@@ -69,8 +69,17 @@ def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """One of ``choices``."""
-    require(value in choices, f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+    """One of ``choices``, of its type too (``1`` is not ``True``, nor ``"False"`` ``False``)."""
+    require(any(type(value) is type(c) and value == c for c in choices),
+            f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def check_eps(name: str, value: Any) -> None:
+    """A finite number > 0: with 0, a gradient element that is 0 (an unused embedding row) makes
+    the update 0 / 0, NaN."""
+    require(_is_number(value) and math.isfinite(value) and value > 0,
+            f"Invalid {name}: {value!r} (expected a finite number > 0; with 0 an element whose gradient "
+            f"and moments are 0 gets 0/0 = NaN, so use a tiny one such as 1e-30 instead)")
 
 
 def check_param(p: torch.Tensor, optimizer: str) -> None:
@@ -81,14 +90,19 @@ def check_param(p: torch.Tensor, optimizer: str) -> None:
     require(p.is_floating_point(), f"{optimizer} needs floating-point parameters (got {p.dtype})")
 
 
-def check_grad(g: torch.Tensor, optimizer: str, param_dtype: torch.dtype | None = None) -> None:
-    """A dense, real gradient, in the parameter's dtype (``param_dtype``), or in float32 for a
-    float16 or bfloat16 parameter (``p.grad_dtype``), whose step works in float32 anyway."""
+def check_grad(g: torch.Tensor, optimizer: str, param_dtype: torch.dtype | None = None,
+               shape: torch.Size | None = None) -> None:
+    """A dense, real gradient, of the parameter's ``shape`` (a broadcastable one would step
+    silently), in the parameter's dtype (``param_dtype``), or in float32 for a float16 or
+    bfloat16 parameter (``p.grad_dtype``), whose step works in float32 anyway."""
     if g.is_sparse:
         raise RuntimeError(f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam "
                            "or a dense embedding (sparse=False)")
     if g.is_complex():
         raise RuntimeError(f"{optimizer} does not support complex gradients (got {g.dtype})")
+    if shape is not None and g.shape != shape:
+        raise RuntimeError(f"{optimizer} needs a gradient of its parameter's shape {tuple(shape)}; got "
+                           f"{tuple(g.shape)}. Nothing was changed.")
     if param_dtype is not None and g.dtype != param_dtype and not (
             param_dtype in (torch.float16, torch.bfloat16) and g.dtype == torch.float32):
         raise RuntimeError(f"{optimizer} needs a gradient in its parameter's dtype {param_dtype}, or float32 for "

@@ -63,7 +63,7 @@ def test_step1_magnitude(shape, betas, foreach):
     ratio = (1 - b1) / (b1 * (1 - b3) ** 0.5)
     displacements = []
     for optimizer, hp in ((shine.CAME, dict(betas=betas, weight_decay=0.0)),
-                          (shine.AdamW, dict(eps=0.0, weight_decay=0.0))):
+                          (shine.AdamW, dict(eps=1e-30, weight_decay=0.0))):
         p = torch.zeros(shape, requires_grad=True)
         p.grad = g.clone()
         optimizer([p], lr=lr, foreach=foreach, **hp).step()
