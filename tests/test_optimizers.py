@@ -195,6 +195,44 @@ def test_state_of_another_optimizer_is_an_error_naming_what_is_missing():
         shine.AdamW(model.parameters()).load_state_dict(sgd.state_dict())
 
 
+@pytest.mark.parametrize("source, target", [("mars-adamw", "adamw"), ("adamw", "lion"), ("c-adamw", "c-lion")])
+def test_state_of_another_optimizer_holding_more_is_an_error(source, target):
+    """State that holds all this optimizer needs and more (MARS's ``prev_grad`` for AdamW, AdamW's
+    ``exp_avg_sq`` for Lion) was saved by another optimizer: an error naming what is foreign, and
+    nothing changes (it had loaded, with the other optimizer's betas, and stepped on)."""
+    model = TinyNet()
+    saved = make(source, model)
+    train(model, saved, 1)
+    opt = make(target, model)
+    train(model, opt, 1)
+    state, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
+    with pytest.raises(ValueError, match=r"holds (prev_grad|exp_avg_sq), which .* does not keep for it"):
+        opt.load_state_dict(saved.state_dict())
+    _assert_state_is(opt, state)
+    assert opt.state_dict()["param_groups"] == groups
+
+
+@pytest.mark.parametrize("name", ["adamw", "mars-shampoo"])
+def test_state_dict_holds_dtypes_by_name_for_distributed_checkpoints(name):
+    """``state_dtype`` and ``ns_dtype`` go into a state dict by name: torch.distributed.checkpoint's
+    full and offloaded optimizer state dicts take no ``torch.dtype`` (they failed with bf16 state);
+    loading turns the names back into dtypes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = TinyNet()
+    kw = {"ns_dtype": torch.bfloat16} if name == "mars-shampoo" else {}
+    opt = make(name, model, state_dtype=torch.bfloat16, **kw)
+    train(model, opt, 1)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert full["param_groups"][0]["state_dtype"] == "torch.bfloat16"
+    twin = make(name, model)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.param_groups[0]["state_dtype"] == torch.bfloat16
+    if name == "mars-shampoo":
+        assert twin.param_groups[0]["ns_dtype"] == torch.bfloat16
+    train(model, twin, 1, start=1)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
     """A state dict whose tensors have other shapes than this optimizer's parameters (here: the
@@ -209,7 +247,7 @@ def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
     opt, control = make(name, params[::-1]), make(name, list(TinyNet().parameters())[::-1])
     train(twin, opt, 1)
     saved, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
-    with pytest.raises(ValueError, match=r"saved state of parameter #0 \(shape .*\) has (no|exp_avg of shape)"):
+    with pytest.raises(ValueError, match=r"saved state of parameter #0 \(shape .*\) (has (no|exp_avg of shape)|holds)"):
         opt.load_state_dict(source.state_dict())
     _assert_state_is(opt, saved)
     assert opt.state_dict()["param_groups"] == groups

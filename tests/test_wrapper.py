@@ -131,3 +131,23 @@ def test_copied_wrapper_steps_as_the_original(clone):
 def test_wrapper_rejects_non_optimizers():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         shine.Cautious(object())
+    # as ZeroRedundancyOptimizer(params, optimizer_class=shine.Cautious, lr=...) would build it
+    with pytest.raises(TypeError, match="got list and options lr.*ZeroRedundancyOptimizer's optimizer_class"):
+        shine.Cautious([nn.Parameter(torch.zeros(2))], lr=1e-3)
+
+
+def test_wrapper_forwards_the_inner_optimizers_own_methods():
+    """``init_state()`` (before a distributed checkpoint) and exact mode's ``stash_grad()`` reach a
+    shine optimizer inside the wrapper; torch's private attributes stay the wrapper's own."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = shine.Cautious(shine.MARS([p], approx=False))
+    opt.init_state()
+    assert opt.inner.state[p]["step"] == 0
+    p.grad = torch.randn(4, 3)
+    opt.stash_grad()
+    assert torch.equal(opt.inner.state[p]["next_prev_grad"], p.grad)
+    opt.step()
+    assert opt.inner.state[p]["step"] == 1 and opt.skipped_steps == 0
+    assert opt._optimizer_step_pre_hooks is not opt.inner._optimizer_step_pre_hooks
+    with pytest.raises(AttributeError, match="stash_grad"):
+        shine.Cautious(torch.optim.SGD([p], lr=0.1)).stash_grad()

@@ -13,7 +13,8 @@ from torch.optim import Optimizer
 
 from . import distributed, engine
 from .engine import Pipeline
-from .validation import check_choice, check_finite_nonneg, check_grad, check_param, plain_numbers, require
+from .validation import (check_choice, check_finite_nonneg, check_grad, check_param, dtypes_as_names, plain_values,
+                         require)
 
 NONFINITE = ("raise", "skip", "ignore")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -87,6 +88,9 @@ class ShineOptimizer(Optimizer):
         super().__init__(params, {**defaults, "foreach": foreach, "fused": fused, "state_dtype": state_dtype,
                                   "stochastic_rounding": stochastic_rounding})
 
+    #: State a parameter may hold between calls besides its step's (exact mode's stash).
+    _KEPT_BETWEEN_CALLS: tuple[str, ...] = ()
+
     #: The attributes besides torch's (``defaults``, ``state``, ``param_groups``) that a copy
     #: (``copy.deepcopy``, ``pickle``) must carry: torch's ``__getstate__`` keeps only its own.
     _COPIED = ("nonfinite", "max_grad_norm", "last_grad_norm", "skipped_steps")
@@ -114,9 +118,9 @@ class ShineOptimizer(Optimizer):
             check_finite_nonneg("max_grad_norm", self.max_grad_norm, positive=True)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        """The group's NumPy numbers as Python ones (:func:`plain_numbers`), then its options every
-        optimizer has, then ``_check_group``."""
-        plain_numbers(group)
+        """The group's NumPy numbers and dtype names as Python numbers and dtypes
+        (:func:`plain_values`), then the options every optimizer has, then ``_check_group``."""
+        plain_values(group)
         for key in ("cautious", "maximize"):
             require(type(group[key]) is bool, f"Invalid {key}: {group[key]!r} (expected a bool)")
         for key in ("foreach", "fused", "stochastic_rounding"):
@@ -174,6 +178,13 @@ class ShineOptimizer(Optimizer):
         loss = run_closure(closure)
         self._update()
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, with the groups' dtypes (``state_dtype``) by name (:func:`dtypes_as_names`), so
+        that ``torch.distributed.checkpoint`` can gather and offload it; loading turns them back."""
+        state_dict = super().state_dict()
+        state_dict["param_groups"] = [dtypes_as_names(g) for g in state_dict["param_groups"]]
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load copies of the saved state (torch shares the tensors with the source, whose steps then
@@ -248,6 +259,12 @@ class ShineOptimizer(Optimizer):
                     require(not missing, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
                                          f"#{index} (shape {tuple(p.shape)}) has no {', '.join(missing)}; it "
                                          f"holds {', '.join(sorted(state))}, saved by another optimizer?")
+                    kept = {*needed, *self._KEPT_BETWEEN_CALLS}
+                    foreign = sorted(key for key in state if key not in kept)
+                    require(not foreign, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
+                                         f"#{index} (shape {tuple(p.shape)}) holds {', '.join(foreign)}, which "
+                                         f"{type(self).__name__} does not keep for it ({', '.join(sorted(kept))}); "
+                                         f"saved by another optimizer?")
                     self._check_state_shapes(group, route, p, state, index)
                 index += 1
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from . import distributed, engine, rules
 from .base import ShineOptimizer, decay_factor, group_lr, run_closure, state_zeros
 from .engine import LOW_PRECISION, Pipeline
-from .validation import (check_betas, check_choice, check_eps, check_finite_nonneg, check_lr, plain_numbers,
+from .validation import (check_betas, check_choice, check_eps, check_finite_nonneg, check_lr, plain_values,
                          require)
 
 _COMMON_DOC = """
@@ -134,6 +134,8 @@ class _VarianceReduced(ShineOptimizer):
     """The MARS gradient correction's bookkeeping, for optimizers some of whose parameters take it
     (:meth:`_corrected`): the exact mode's ``stash_grad`` and ``step(closure, next_closure=...)``.
     Approximate mode needs nothing here: the pipeline copies each gradient into ``prev_grad``."""
+
+    _KEPT_BETWEEN_CALLS = ("next_prev_grad",)
 
     def _corrected(self, group: dict[str, Any], p: Tensor) -> bool:
         raise NotImplementedError
@@ -301,7 +303,7 @@ class MARS(_VarianceReduced):
         constructor's, as in the reference, unless the group sets its own ``lr_1d``, which is then
         relative to its own first lr (the check of the group sets that)."""
         if "lr_1d" not in param_group:
-            plain_numbers(self.defaults)
+            plain_values(self.defaults)
             check_lr(self.defaults["lr"])
             require(group_lr(self.defaults) > 0, f"Invalid lr: {self.defaults['lr']!r} (MARS needs the "
                                                  f"constructor's lr > 0: the other parameters' lr is lr * lr_1d / it)")

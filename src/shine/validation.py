@@ -19,14 +19,15 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-_PLAIN = frozenset({type(None), bool, int, float, str, list, torch.dtype})
+_PLAIN = frozenset({type(None), bool, int, float, list, torch.dtype})
 
 
-def plain_numbers(group: dict[str, Any]) -> None:
+def plain_values(group: dict[str, Any]) -> None:
     """Replace, in place, a group's NumPy scalars (``np.float32(1e-3)``, as a ``LambdaLR`` whose
     lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``, by
-    Python numbers of the same value. torch.optim takes them; the checks here take Python
-    numbers, and the step's arithmetic on a float32 scalar would round in float32."""
+    Python numbers of the same value, and the names of dtypes that :func:`dtypes_as_names` wrote
+    (``"torch.bfloat16"``) by the dtypes. torch.optim takes such numbers; the checks here take
+    Python numbers, and the step's arithmetic on a float32 scalar would round in float32."""
     for key, value in group.items():
         group[key] = _plain(value)
 
@@ -34,6 +35,9 @@ def plain_numbers(group: dict[str, Any]) -> None:
 def _plain(value: Any) -> Any:
     if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # the usual values, at every step
         return value
+    if isinstance(value, str):
+        named = getattr(torch, value.removeprefix("torch."), None) if value.startswith("torch.") else None
+        return named if isinstance(named, torch.dtype) else value
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
     if isinstance(value, numbers.Integral):
@@ -41,6 +45,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def dtypes_as_names(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with each ``torch.dtype`` value (``state_dtype``, ``ns_dtype``) as its name, as a
+    state dict holds it: ``torch.distributed.checkpoint`` takes numbers, strings, lists, dicts and
+    tensors only (a dtype made ``get_optimizer_state_dict(..., full_state_dict=True)`` fail)."""
+    return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in group.items()}
 
 
 def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> None:

@@ -49,9 +49,13 @@ class Cautious(Optimizer):
     optimizer, so LR schedulers, ``state_dict`` and ``add_param_group`` work on it.
     """
 
-    def __init__(self, inner: Optimizer):
-        if not isinstance(inner, Optimizer):
-            raise TypeError(f"Cautious wraps a torch.optim.Optimizer, got {type(inner).__name__}")
+    def __init__(self, inner: Optimizer, **options: Any):
+        if options or not isinstance(inner, Optimizer):
+            given = f" and options {', '.join(options)}" if options else ""
+            raise TypeError(f"Cautious wraps a torch.optim.Optimizer instance, Cautious(torch.optim.AdamW(params, "
+                            f"lr=...)); got {type(inner).__name__}{given}. It is not a class that builds "
+                            f"one from parameters (ZeroRedundancyOptimizer's optimizer_class): wrap the built "
+                            f"optimizer, or use cautious=True of shine's optimizers")
         super().__init__([torch.zeros(())], {})  # sets up the hooks; its placeholder group is never used
         self.inner = inner
 
@@ -61,6 +65,15 @@ class Cautious(Optimizer):
 
     def __repr__(self) -> str:
         return f"Cautious({self.inner!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        """What the inner optimizer has beyond torch's API: shine's ``init_state()`` (before
+        ``torch.distributed.checkpoint``), exact mode's ``stash_grad()``, ``skipped_steps``, ...
+        (public names only: torch's private attributes stay the wrapper's own)."""
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
 
     def __getstate__(self) -> dict[str, Any]:
         """What a copy (``copy.deepcopy``, ``pickle``) carries: the inner optimizer, which holds the
