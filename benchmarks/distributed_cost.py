@@ -13,10 +13,8 @@ CPU, gloo, 127.0.0.1; one thread per rank. Prints the median wall time per call 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
-import sys
 import time
 import warnings
 

@@ -244,7 +244,7 @@ def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
     source = make(name, list(model.parameters()))
     train(model, source, 1)
     params = list(twin.parameters())
-    opt, control = make(name, params[::-1]), make(name, list(TinyNet().parameters())[::-1])
+    opt = make(name, params[::-1])
     train(twin, opt, 1)
     saved, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
     with pytest.raises(ValueError, match=r"saved state of parameter #0 \(shape .*\) (has (no|exp_avg of shape)|holds)"):

@@ -13,30 +13,27 @@ from torch.optim import Optimizer
 
 from . import distributed, engine
 from .engine import Pipeline
-from .validation import (check_choice, check_finite_nonneg, check_grad, check_param, dtypes_as_names, plain_values,
-                         require)
+from .validation import (LOW_PRECISION, check_choice, check_finite_nonneg, check_grad, check_param, dtypes_as_names,
+                         plain_values, require)
 
 NONFINITE = ("raise", "skip", "ignore")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-def state_zeros(p: Tensor, shape: Iterable[int] | None = None, *,
-                reduce: tuple[Iterable[int], int] | None = None,
+def state_zeros(p: Tensor, *, reduce: tuple[Iterable[int], int] | None = None,
                 memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
     """Zero optimizer state for ``p``: fp32 for fp16/bf16 parameters, else ``p``'s dtype.
 
-    With no ``shape`` it is ``zeros_like(p)`` (so a DTensor parameter gets DTensor state), laid
-    out like ``p`` unless ``memory_format`` says otherwise (``torch.contiguous_format`` for state
-    that the rule views in another shape: a channels-last tensor has no such view).
-    ``reduce=(view_shape, dim)`` gives state shaped like ``p.reshape(view_shape).sum(dim)``
-    (CAME's row/column statistics), placed as that reduction is for a DTensor ``p``.
+    ``zeros_like(p)`` (so a DTensor parameter gets DTensor state), laid out like ``p`` unless
+    ``memory_format`` says otherwise (``torch.contiguous_format`` for state that the rule views
+    in another shape: a channels-last tensor has no such view). ``reduce=(view_shape, dim)``
+    gives state shaped like ``p.reshape(view_shape).sum(dim)`` (CAME's row/column statistics),
+    placed as that reduction is for a DTensor ``p``.
     """
     dtype = _working_dtype(p.dtype)
     if reduce is not None:
         return distributed.reduced_zeros(p, tuple(reduce[0]), reduce[1], dtype)
-    if shape is None:
-        return torch.zeros_like(p, dtype=dtype, memory_format=memory_format)
-    return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
+    return torch.zeros_like(p, dtype=dtype, memory_format=memory_format)
 
 
 class ShineOptimizer(Optimizer):
@@ -133,9 +130,13 @@ class ShineOptimizer(Optimizer):
         step reads as gradients, which the non-finite check covers too (none here)."""
         return []
 
+    #: Whether the rule reads each element alone (AdamW, Lion), so that only caution's kept
+    #: fraction reads whole tensors.
+    _ELEMENTWISE_RULE = False
+
     def _whole_tensor_math(self, group: dict[str, Any]) -> bool:
         """Whether the group's math reads whole tensors (norms, means, shapes), not just elements."""
-        return True
+        return group["cautious"] or not self._ELEMENTWISE_RULE
 
     # ---- torch.optim.Optimizer API -----------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -496,7 +497,7 @@ def _cast_state(state: dict[str, Tensor], p: Tensor, dtype: torch.dtype | None) 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a step computes in for a tensor of ``dtype``: fp32 for fp16/bf16."""
-    return torch.float32 if dtype in engine.LOW_PRECISION else dtype
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def _loaded_dtype(saved: torch.dtype, param: torch.dtype) -> torch.dtype:
@@ -519,6 +520,3 @@ def group_lr(group: dict[str, Any]) -> float:
     return float(group["lr"])
 
 
-def decay_factor(lr: float, weight_decay: float) -> float:
-    """The multiplicative form of decoupled weight decay, ``1 - lr * wd``."""
-    return 1.0 - lr * weight_decay

@@ -9,7 +9,7 @@ sharded tensor. The rules write means as ``sum / n``: on an unevenly sharded
 dim (7 rows on 2 ranks) DTensor's ``mean`` all-gathers the whole input, while
 ``sum`` all-reduces only the reduced result.
 
-Two things are not left to DTensor:
+Three things are not left to DTensor:
 
 - :func:`reduced_zeros` creates state that is a reduction of a parameter
   (CAME's factored row/column statistics) with the placements that reduction
@@ -21,6 +21,11 @@ Two things are not left to DTensor:
   directly on a Shard(0) DTensor the 5 iterations cost 21 collectives (6
   all-reduce, 5 all-gather, 10 reduce-scatter) per matrix and are slower at every
   size measured (docs/distributed.md).
+- :func:`localise` steps the local shards of a bucket whose step is the shard of the
+  whole step once its whole-tensor sums are complete (AdamW, Lion, the MARS
+  correction, caution, CAME split along its rows or columns): :class:`ShardSums`
+  completes those sums over the mesh in one all-reduce per bucket, where DTensor
+  would all-reduce each tensor's and dispatch every operation.
 
 Without torch.distributed every helper is the single-process identity.
 """

@@ -3,15 +3,17 @@
 A *pipeline* is one path through the boxes of :mod:`shine.rules`
 (estimate -> precondition -> mask -> apply); a *bucket* is the tensors of one
 parameter group that take the same pipeline, live on the same device, have the
-same dtype and the same step count. :func:`pipeline_step` is the only place the
+same dtype, the same step count and the same layout (plain tensors, or DTensors of
+one mesh and placement). :func:`pipeline_step` is the only place the
 boxes are composed, and every path calls it:
 
 - ``"per_tensor"``: a Python loop, one tensor at a time (the reference);
 - ``"foreach"``: once, on :class:`TensorList` s (multi-tensor kernels);
 - ``"fused"``: the per-tensor loop traced by ``torch.compile`` into fused kernels,
   with the float hyperparameters packed in one float64 tensor so that a scheduler
-  never triggers a recompile. This module is the only one that knows about
-  ``torch.compile``.
+  never triggers a recompile. This module is the only one that calls
+  ``torch.compile``; the rules ask ``torch.compiler.is_compiling()`` only where a
+  formula's compiled form differs from its eager one.
 
 Whole-tensor quantities a step needs before its element-wise pass (MARS's clip, caution's
 kept fraction, CAME's row statistics) come from :func:`pipeline_prepass`, which only reads;
@@ -35,10 +37,9 @@ from . import rules, tensorlist
 from .distributed import is_dtensor
 from .rules.hoist import hoist
 from .tensorlist import ROWWISE_MIN_NUMEL, TensorList, per_tensor, sum_of_squares
-from .validation import warn_once
+from .validation import LOW_PRECISION, warn_once
 
 PATHS = ("per_tensor", "foreach", "fused")
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,16 +4,16 @@ Every update goes through :mod:`shine.engine` and the pure math of :mod:`shine.r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from . import distributed, engine, rules
-from .base import ShineOptimizer, decay_factor, group_lr, run_closure, state_zeros
-from .engine import LOW_PRECISION, Pipeline
-from .validation import (check_betas, check_choice, check_eps, check_finite_nonneg, check_lr, plain_values,
-                         require)
+from .base import ShineOptimizer, group_lr, run_closure, state_zeros
+from .engine import Pipeline
+from .validation import (LOW_PRECISION, check_betas, check_choice, check_eps, check_finite_nonneg, check_lr,
+                         plain_values, require)
 
 _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
@@ -38,14 +38,20 @@ def _check_lr_wd(group: dict[str, Any], positive_lr: bool = False) -> None:
 def _lr_and_decay(group: dict[str, Any]) -> dict[str, float]:
     """The step's ``lr`` (a number) and the decoupled weight decay's factor ``1 - lr * wd``."""
     lr = group_lr(group)
-    return {"lr": lr, "decay": decay_factor(lr, group["weight_decay"])}
+    return {"lr": lr, "decay": rules.decay_factor(lr, group["weight_decay"])}
 
 
-def _adam_pipeline(group: dict[str, Any], **flags: Any) -> Pipeline:
+def _flags(group: dict[str, Any], correction: bool = False) -> dict[str, Any]:
+    """The :class:`Pipeline` flags a group sets: caution, maximize, and whether the MARS correction
+    runs (then in the group's exact or approximate mode)."""
+    flags = {"cautious": group["cautious"], "maximize": group["maximize"]}
+    return {**flags, "correction": True, "approx": group["approx"]} if correction else flags
+
+
+def _adam_pipeline(flags: dict[str, Any]) -> Pipeline:
     return Pipeline(rules.adamw, ("exp_avg", "exp_avg_sq"),
                     ("beta1", "beta2", "eps", "bias_correction1", "bias_correction2_sqrt"),
-                    scalars=rules.adamw_bias_corrections, direction_sign=rules.next_momentum,
-                    cautious=group["cautious"], maximize=group["maximize"], **flags)
+                    scalars=rules.adamw_bias_corrections, direction_sign=rules.next_momentum, **flags)
 
 
 class AdamW(ShineOptimizer):
@@ -71,18 +77,17 @@ class AdamW(ShineOptimizer):
         check_betas("betas", group["betas"], 2)
         check_eps("eps", group["eps"])
 
+    _ELEMENTWISE_RULE = True
+
     def _route(self, group, p):
         return "adamw"
-
-    def _whole_tensor_math(self, group):
-        return group["cautious"]
 
     def _new_state(self, group, route, p):
         return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
 
     def _pipeline(self, group, route):
         beta1, beta2 = group["betas"]
-        return _adam_pipeline(group), dict(**_lr_and_decay(group),
+        return _adam_pipeline(_flags(group)), dict(**_lr_and_decay(group),
                                            beta1=beta1, beta2=beta2, eps=group["eps"])
 
 
@@ -110,11 +115,10 @@ class Lion(ShineOptimizer):
         _check_lr_wd(group)
         check_betas("betas", group["betas"], 2)
 
+    _ELEMENTWISE_RULE = True
+
     def _route(self, group, p):
         return "lion"
-
-    def _whole_tensor_math(self, group):
-        return group["cautious"]
 
     def _new_state(self, group, route, p):
         return {"exp_avg": state_zeros(p)}
@@ -122,7 +126,7 @@ class Lion(ShineOptimizer):
     def _pipeline(self, group, route):
         beta1, beta2 = group["betas"]
         pipe = Pipeline(rules.lion, ("exp_avg",), ("beta1", "beta2"), direction_sign=rules.next_momentum,
-                        cautious=group["cautious"], maximize=group["maximize"])
+                        **_flags(group))
         return pipe, dict(**_lr_and_decay(group),
                           beta1=beta1, beta2=beta2)
 
@@ -333,11 +337,12 @@ class MARS(_VarianceReduced):
         if route == "adamw_1d":
             lr_1d = lr * group["lr_1d"] / group["lr_at_construction"]
             beta1_1d, beta2_1d = group["betas_1d"]
-            return _adam_pipeline(group), dict(lr=lr_1d, decay=decay_factor(lr_1d, group["weight_decay_1d"]),
-                                               beta1=beta1_1d, beta2=beta2_1d, eps=group["eps"])
-        flags = dict(correction=True, approx=group["approx"], cautious=group["cautious"], maximize=group["maximize"])
+            decay = rules.decay_factor(lr_1d, group["weight_decay_1d"])
+            return _adam_pipeline(_flags(group)), dict(lr=lr_1d, decay=decay, beta1=beta1_1d, beta2=beta2_1d,
+                                                       eps=group["eps"])
+        flags = _flags(group, correction=True)
         if route == "mars_adamw":
-            pipe = _adam_pipeline(group, correction=True, approx=group["approx"])
+            pipe = _adam_pipeline(flags)
         elif route == "mars_lion":
             pipe = Pipeline(rules.sign_momentum, ("exp_avg",), ("beta1",), direction_sign=rules.next_momentum, **flags)
         else:
@@ -469,8 +474,7 @@ class CAME(_VarianceReduced):
 
     def _pipeline(self, group, route):
         beta1, beta2, beta3 = group["betas"]
-        flags = dict(cautious=group["cautious"], maximize=group["maximize"], correction=group["gamma"] is not None,
-                     approx=group["approx"])
+        flags = _flags(group, correction=group["gamma"] is not None)
         if route == "unfactored":
             pipe = Pipeline(rules.came_unfactored, ("exp_avg", "exp_avg_sq"),
                             ("beta1", "beta2", "eps1", "clip_threshold"), **flags)

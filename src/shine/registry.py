@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
 from .optimizers import CAME, MARS, AdamW, Lion
 
 # name -> (class, defaults). Every name also exists with a "c-" prefix (cautious=True).
@@ -94,6 +95,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value
+                local = value.to_local() if is_dtensor(value) else value
                 total += local.numel() * local.element_size()
     return total

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .distributed import is_dtensor
+from .validation import is_number
 
 _Operand = Any  # a number, a 0-d tensor, a list of numbers or a TensorList
 # dtypes in which a number operand and a 0-d tensor of the same value give the same results
@@ -56,7 +57,7 @@ class TensorList:
         enters the arithmetic in the tensors' dtype either way, so the results are the same bits.
         (Not in the GPU form forced on the CPU, ``PER_TENSOR_DEVICES`` emptied: as on a GPU, a
         number stays a number there, and reading a 0-d tensor's value is no synchronisation.)"""
-        if isinstance(x, (int, float)) and not isinstance(x, bool) and len(self.tensors) > 2:
+        if is_number(x) and len(self.tensors) > 2:
             t = self.tensors[0]
             on_cpu = t.device.type == "cpu" and "cpu" in PER_TENSOR_DEVICES
             if on_cpu and t.dtype in _EXACT_0D_DTYPES and not is_dtensor(t):

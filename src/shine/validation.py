@@ -9,13 +9,18 @@ from typing import Any, Sequence
 import torch
 
 
+#: The parameter dtypes whose steps work in float32 (their state is float32 unless ``state_dtype``).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition`` holds."""
     if not condition:
         raise ValueError(message)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A Python int or float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -57,7 +62,7 @@ def dtypes_as_names(group: dict[str, Any]) -> dict[str, Any]:
 def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> None:
     """A finite number >= 0 (> 0 when ``positive``)."""
     bound = "> 0" if positive else ">= 0"
-    require(_is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0),
+    require(is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0),
             f"Invalid {name}: {value!r} (expected a finite number {bound})")
 
 
@@ -76,7 +81,7 @@ def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
     require(isinstance(betas, (tuple, list)) and len(betas) == count,
             f"Invalid {name}: {betas!r} (expected a tuple of {count} numbers in [0, 1))")
     for i, b in enumerate(betas):
-        require(_is_number(b) and 0.0 <= b < 1.0, f"Invalid {name}[{i}]: {b!r} (expected a number in [0, 1))")
+        require(is_number(b) and 0.0 <= b < 1.0, f"Invalid {name}[{i}]: {b!r} (expected a number in [0, 1))")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -88,7 +93,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 def check_eps(name: str, value: Any) -> None:
     """A finite number > 0: with 0, a gradient element that is 0 (an unused embedding row) makes
     the update 0 / 0, NaN."""
-    require(_is_number(value) and math.isfinite(value) and value > 0,
+    require(is_number(value) and math.isfinite(value) and value > 0,
             f"Invalid {name}: {value!r} (expected a finite number > 0; with 0 an element whose gradient "
             f"and moments are 0 gets 0/0 = NaN, so use a tiny one such as 1e-30 instead)")
 
@@ -115,7 +120,7 @@ def check_grad(g: torch.Tensor, optimizer: str, param_dtype: torch.dtype | None 
         raise RuntimeError(f"{optimizer} needs a gradient of its parameter's shape {tuple(shape)}; got "
                            f"{tuple(g.shape)}. Nothing was changed.")
     if param_dtype is not None and g.dtype != param_dtype and not (
-            param_dtype in (torch.float16, torch.bfloat16) and g.dtype == torch.float32):
+            param_dtype in LOW_PRECISION and g.dtype == torch.float32):
         raise RuntimeError(f"{optimizer} needs a gradient in its parameter's dtype {param_dtype}, or float32 for "
                            f"float16/bfloat16 parameters; got a {g.dtype} gradient. Nothing was changed.")
 

@@ -12,10 +12,14 @@ allocation saved on the eager paths); ``x`` and the gradient never are.
 
     gradient -> [estimate] -> [precondition] -> [mask] -> [apply]
                 mars.py       adamw.py lion.py   caution.py  apply.py
-                              came.py newton_schulz.py
+                              came.py
+                              mars.py (MARS-Lion's sign, MARS-Shampoo's
+                                       newton_schulz.py orthogonalisation)
+
+``ema.py`` holds the moving average every rule keeps.
 """
 from .adamw import adamw, adamw_bias_corrections
-from .apply import Quotient, apply_update, formed
+from .apply import Quotient, apply_update, decay_factor, formed
 from .came import came_factored, came_row_statistics, came_unfactored, factored_shapes
 from .caution import caution, kept_fraction
 from .lion import lion, next_momentum
@@ -23,7 +27,7 @@ from .mars import mars_clip, mars_correction, sign_momentum, orthogonal_momentum
 from .newton_schulz import newton_schulz5
 
 __all__ = [
-    "adamw", "adamw_bias_corrections", "apply_update", "formed", "Quotient", "came_factored", "came_row_statistics", "came_unfactored", "factored_shapes", "caution",
-    "kept_fraction", "next_momentum",
-    "lion", "mars_clip", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
+    "adamw", "adamw_bias_corrections", "apply_update", "decay_factor", "formed", "Quotient", "came_factored",
+    "came_row_statistics", "came_unfactored", "factored_shapes", "caution", "kept_fraction", "next_momentum", "lion",
+    "mars_clip", "mars_correction", "sign_momentum", "orthogonal_momentum", "newton_schulz5",
 ]

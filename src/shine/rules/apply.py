@@ -27,8 +27,14 @@ def formed(u):
     return u.denominator.reciprocal_().mul_(u.numerator).mul_(u.scale)
 
 
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """The multiplicative form of decoupled weight decay, ``1 - lr * wd``: :func:`apply_update`'s
+    ``decay``, computed once per step on the host."""
+    return 1.0 - lr * weight_decay
+
+
 def apply_update(p, u, *, lr, decay):
-    """``p = p * decay - lr * u`` with ``decay = 1 - lr * weight_decay`` (skipped when it is exactly 1).
+    """``p = p * decay - lr * u`` with ``decay`` from :func:`decay_factor` (skipped when it is exactly 1).
 
     A number ``lr`` (the eager paths) enters as ``add_``'s ``alpha``, or for a
     :class:`Quotient` with a number ``scale`` as ``addcdiv_``'s ``value``: one pass, and no

@@ -95,10 +95,10 @@ def _column_sum(t, reads=1):
     return blocks + t[..., whole:, :].sum(-2)
 
 
-def _column_mean(t, reads=1, across=None):
+def _column_mean(t, across=None):
     """``t.mean(-2)``, as ``sum / n`` (:func:`_column_sum`); ``across``: see :func:`_over_shards`
     (eager only: the compiled path never steps shards)."""
-    total, rows = _over_shards(across, -2, size_of(t, -2), _column_sum(t, reads))
+    total, rows = _over_shards(across, -2, size_of(t, -2), _column_sum(t))
     return as_dtype_of(total / rows, t)
 
 

@@ -1,6 +1,5 @@
 """A compiler hint the rules use: compute a small derived tensor once per step, not per element."""
 import torch
-from torch import Tensor
 
 # Declared with the low-level library API rather than ``torch.library.custom_op``: inductor
 # cannot look inside the op (the point), so every compiled step calls it through the

@@ -6,7 +6,7 @@ import torch
 
 import reference as ref
 
-from .support import SHAPES, problem
+from rules.support import SHAPES, problem
 
 
 @pytest.mark.parametrize("hp", [
