@@ -205,9 +205,15 @@ def test_state_of_another_optimizer_holding_more_is_an_error(source, target):
     train(model, saved, 1)
     opt = make(target, model)
     train(model, opt, 1)
+    _assert_load_refused(opt, saved.state_dict(), r"holds (prev_grad|exp_avg_sq), which .* does not keep for it")
+
+
+def _assert_load_refused(opt, state_dict, match):
+    """Loading ``state_dict`` raises a ValueError matching ``match`` and leaves ``opt``'s state and
+    groups as they were."""
     state, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
-    with pytest.raises(ValueError, match=r"holds (prev_grad|exp_avg_sq), which .* does not keep for it"):
-        opt.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
     _assert_state_is(opt, state)
     assert opt.state_dict()["param_groups"] == groups
 
@@ -246,11 +252,8 @@ def test_state_saved_for_other_parameters_is_an_error_and_changes_nothing(name):
     params = list(twin.parameters())
     opt = make(name, params[::-1])
     train(twin, opt, 1)
-    saved, groups = _state_copy(opt), copy.deepcopy(opt.state_dict()["param_groups"])
-    with pytest.raises(ValueError, match=r"saved state of parameter #0 \(shape .*\) (has (no|exp_avg of shape)|holds)"):
-        opt.load_state_dict(source.state_dict())
-    _assert_state_is(opt, saved)
-    assert opt.state_dict()["param_groups"] == groups
+    _assert_load_refused(opt, source.state_dict(),
+                         r"saved state of parameter #0 \(shape .*\) (has (no|exp_avg of shape)|holds)")
     train(twin, opt, 1, start=1)  # still steps with its own state
 
 
