@@ -992,6 +992,27 @@ def test_bad_group_options_are_named(ctor, match):
         ctor()
 
 
+def test_torch_adamw_keyword_arguments_build_shine_adamw():
+    """Every keyword torch.optim.AdamW takes builds shine.AdamW at torch's defaults (a config written
+    for torch's had failed on ``amsgrad=False``), 0-d tensor betas included, and the steps agree;
+    what shine does not implement is an error naming it."""
+    kw = dict(lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)), eps=1e-8, weight_decay=0.1, amsgrad=False,
+              maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    p, q = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    q.data.copy_(p)
+    ours, torchs = shine.AdamW([p], **kw), torch.optim.AdamW([q], **kw)
+    for seed in range(3):
+        p.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
+        q.grad = p.grad.clone()
+        ours.step()
+        torchs.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert shine.AdamW([p], 1e-3, (0.9, 0.999), 1e-8, 1e-2, False).defaults["betas"] == (0.9, 0.999)
+    for key in ("amsgrad", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"Invalid {key}: True .* only at its default False"):
+            shine.AdamW([p], **{key: True})
+
+
 @pytest.mark.parametrize("group", [{"lr": -1.0}, {"state_dtype": torch.float16}, {"maximize": "yes"},
                                    {"dtype": torch.complex64}], ids=["lr", "state_dtype", "maximize", "complex"])
 def test_a_refused_param_group_is_not_added(group):
@@ -1165,3 +1186,28 @@ def test_empty_parameters_count_steps_and_change_nothing_else(name, foreach, gpu
             assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+@pytest.mark.parametrize("name", shine.list_optimizers())
+def test_steps_on_tensors_without_values(name, mode):
+    """Parameters on the meta device, and under FakeTensorMode (memory estimators, tracing), step
+    as with torch.optim.AdamW: the non-finite check and the host scalars, which read values, let
+    them be (the default check had failed on every optimizer; MARS-Shampoo's autocast guard on meta)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def steps():
+        model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+        opt = shine.create_optimizer(model, name, lr=1e-3)
+        for _ in range(2):
+            model(torch.randn(4, 6)).sum().backward()
+            opt.step()
+        return model
+
+    if mode == "meta":
+        with torch.device("meta"):
+            model = steps()
+    else:
+        with FakeTensorMode():
+            model = steps()
+    assert all(p.device.type == "meta" for p in model.parameters()) if mode == "meta" else True

@@ -245,7 +245,7 @@ class ShineOptimizer(Optimizer):
                     # parameter's device for fused groups, where every step's read of it would wait for the GPU
                     self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
                 elif key == "step" and isinstance(value, (int, float)):  # as torch < 1.12 saved it
-                    self.state[p][key] = torch.tensor(float(value))
+                    self.state[p][key] = torch.tensor(float(value), device="cpu")
         index = 0
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -298,7 +298,7 @@ class ShineOptimizer(Optimizer):
         state = self.state[p]
         if "step" not in state:
             state.update(_cast_state(self._new_state(group, self._route(group, p), p), p, group.get("state_dtype")))
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")  # on the host, whatever the default device
         return state
 
     # ---- the step --------------------------------------------------------------------

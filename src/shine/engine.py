@@ -36,7 +36,7 @@ from torch import Tensor
 from . import rules, tensorlist
 from .distributed import is_dtensor
 from .rules.hoist import hoist
-from .tensorlist import ROWWISE_MIN_NUMEL, TensorList, per_tensor, sum_of_squares
+from .tensorlist import ROWWISE_MIN_NUMEL, TensorList, has_values, per_tensor, sum_of_squares
 from .validation import LOW_PRECISION, warn_once
 
 PATHS = ("per_tensor", "foreach", "fused")
@@ -863,7 +863,8 @@ def grads_finite(grads: list[Tensor]) -> bool:
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        by_device.setdefault(g.device, []).append(g)
+        if has_values(g):  # meta and fake tensors (memory estimates, traces) have no values to check
+            by_device.setdefault(g.device, []).append(g)
     for device, gs in by_device.items():
         totals = [g.sum() for g in gs] if device.type == "cpu" else torch._foreach_norm(gs, 2)
         if not bool(torch.stack(totals).isfinite().all()):

@@ -61,13 +61,20 @@ class AdamW(ShineOptimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr, betas, eps, weight_decay: as in torch.optim.AdamW.{_COMMON_DOC}"""
+        lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+        amsgrad, capturable, differentiable: torch.optim.AdamW's, taken at their default
+            (``False``) so that its keyword arguments build this one; ``True`` is an error.{_COMMON_DOC}"""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, cautious: bool = False, maximize: bool = False,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, cautious: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "raise",
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool | None = None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, capturable: bool = False, differentiable: bool = False):
+        for name, value, why in (("amsgrad", amsgrad, "AMSGrad is not implemented"),
+                                 ("capturable", capturable, "steps capturable in CUDA graphs are not implemented"),
+                                 ("differentiable", differentiable, "the step is not differentiable")):
+            require(value is False, f"Invalid {name}: {value!r} (shine.AdamW takes torch.optim.AdamW's {name} "
+                                    f"only at its default False: {why})")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm)

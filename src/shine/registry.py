@@ -54,7 +54,9 @@ def _no_decay_params(model: nn.Module) -> set[int]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_keys: Iterable[str] = ("weight_decay",)) -> list[dict]:
-    """Two groups: matrices with ``weight_decay``, and the rest (biases, norms, embeddings) without it."""
+    """Two groups: matrices with ``weight_decay``, and the rest (biases, norms, embeddings) without it.
+    Parameters frozen now (``requires_grad=False``) are left out, as timm's factory leaves them: to
+    unfreeze some later, give them to the optimizer then with ``add_param_group``."""
     skip = _no_decay_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if id(p) not in skip]

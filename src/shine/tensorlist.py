@@ -154,11 +154,24 @@ HOST_SCALARS = True
 
 def _scalars_for(x: TensorList, like: TensorList) -> bool:
     """Whether ``x`` is one 0-d tensor per tensor of ``like``, and :data:`HOST_SCALARS` applies:
-    ``like`` is an fp32 or fp64 list on a device where launches cost host time, and neither
-    holds DTensors."""
+    ``like`` is an fp32 or fp64 list on a device where launches cost host time, neither holds
+    DTensors, and the values can be read (:func:`has_values`)."""
     return (multi_tensor_preferred(like) and len(x) == len(like) and like.tensors[0].dtype in _EXACT_0D_DTYPES
             and all(t.ndim == 0 and not is_dtensor(t) for t in x.tensors)
-            and not all(t.ndim == 0 for t in like.tensors) and not is_dtensor(like.tensors[0]))
+            and not all(t.ndim == 0 for t in like.tensors) and not is_dtensor(like.tensors[0])
+            and has_values(like.tensors[0]))
+
+
+def has_values(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: not a meta tensor, nor a FakeTensor (of a memory
+    estimate or a trace), which have shapes only."""
+    return t.device.type != "meta" and not _is_fake(t)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # imported here: it loads the compiler's modules
+
+    return is_fake(t)
 
 
 def host_values(x: TensorList) -> list:

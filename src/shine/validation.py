@@ -29,8 +29,8 @@ _PLAIN = frozenset({type(None), bool, int, float, list, torch.dtype})
 
 def plain_values(group: dict[str, Any]) -> None:
     """Replace, in place, a group's NumPy scalars (``np.float32(1e-3)``, as a ``LambdaLR`` whose
-    lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``, by
-    Python numbers of the same value, and the names of dtypes that :func:`dtypes_as_names` wrote
+    lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``
+    (there, 0-d floating-point tensors too), by Python numbers of the same value, and the names of dtypes that :func:`dtypes_as_names` wrote
     (``"torch.bfloat16"``) by the dtypes. torch.optim takes such numbers; the checks here take
     Python numbers, and the step's arithmetic on a float32 scalar would round in float32."""
     for key, value in group.items():
@@ -43,8 +43,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, str):
         named = getattr(torch, value.removeprefix("torch."), None) if value.startswith("torch.") else None
         return named if isinstance(named, torch.dtype) else value
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+    if isinstance(value, tuple):  # betas: 0-d tensors too, as torch.optim takes them
+        return tuple(float(v) if isinstance(v, torch.Tensor) and v.ndim == 0 and v.is_floating_point() else _plain(v)
+                     for v in value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):

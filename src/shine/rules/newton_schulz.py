@@ -1,4 +1,6 @@
 """The quintic Newton–Schulz iteration that maps a matrix close to its orthogonal factor."""
+import contextlib
+
 import torch
 
 from ..tensorlist import l2_norm
@@ -19,8 +21,9 @@ def newton_schulz5(m: torch.Tensor, *, steps: int = 5, eps: float = 1e-7, dtype:
     if transpose:
         x = x.mT
     # in ``dtype`` even where the caller steps inside torch.autocast (which would run the
-    # products in bf16 or fp16)
-    with torch.autocast(m.device.type, enabled=False):
+    # products in bf16 or fp16); devices without autocast (meta) need no guard
+    device = m.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
         for _ in range(steps):
             a = x @ x.mT
             b = a @ x
