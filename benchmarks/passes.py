@@ -63,7 +63,8 @@ class Traffic(TorchDispatchMode):
             self.syncs += 1
         if func.is_view or func._schema.name in ("aten::lift_fresh", "aten::_local_scalar_dense"):
             return out
-        reads = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        # each tensor once, however often it is passed (addcmul_(v, g, g) reads g once)
+        reads = list({id(t): t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}.values())
         written = {id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
         values = dict(zip((a.name for a in func._schema.arguments), args)) | (kwargs or {})
         for arg in func._schema.arguments:  # what the op updates in place (it may return nothing)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -76,24 +76,29 @@ def cases(libs: dict[str, object]) -> list[tuple[str, Make, dict[str, Make]]]:
         if theirs:
             out.append((case, ours, theirs))
 
+    def timm_mars(ps, lr: float, **kw: Any):
+        """timm's Mars with shine's (the reference's) betas, 1-D betas and 1-D lr (timm's defaults
+        differ: betas (0.9, 0.99) for every tensor, and a 1-D lr relative to lr)."""
+        return timm[0].Mars(ps, lr=lr, betas=(0.95, 0.99), betas_1d=(0.9, 0.95), lr_1d_factor=3e-3 / lr, **kw)
+
     for wd in (0.0, 0.1):
         add(f"MARS-AdamW, weight_decay={wd}", lambda ps, wd=wd: shine.MARS(ps, lr=3e-3, weight_decay=wd, foreach=False),
             official_MARS=official and (lambda ps, wd=wd: official.MARS(ps, lr=3e-3, weight_decay=wd)),
             pytorch_optimizer=po and (lambda ps, wd=wd: po.MARS(ps, lr=3e-3, weight_decay=wd)),
-            timm=timm and (lambda ps, wd=wd: timm[0].Mars(ps, lr=3e-3, weight_decay=wd)))
+            timm=timm and (lambda ps, wd=wd: timm_mars(ps, 3e-3, weight_decay=wd)))
     add("MARS-Lion, weight_decay=0.1",
         lambda ps: shine.MARS(ps, lr=3e-4, mars_type="lion", weight_decay=0.1, foreach=False),
         official_MARS=official and (lambda ps: official.MARS(ps, lr=3e-4, mars_type="mars-lion", weight_decay=0.1)),
         pytorch_optimizer=po and (lambda ps: po.MARS(ps, lr=3e-4, mars_type="lion", weight_decay=0.1)),
-        timm=timm and (lambda ps: timm[0].Mars(ps, lr=3e-4, mars_type="lion", weight_decay=0.1)))
+        timm=timm and (lambda ps: timm_mars(ps, 3e-4, mars_type="lion", weight_decay=0.1)))
     add("MARS-AdamW, optimize_1d=True, weight_decay=0.1",
         lambda ps: shine.MARS(ps, lr=3e-3, optimize_1d=True, weight_decay=0.1, foreach=False),
         official_MARS=official and (lambda ps: official.MARS(ps, lr=3e-3, optimize_1d=True, weight_decay=0.1)),
         pytorch_optimizer=po and (lambda ps: po.MARS(ps, lr=3e-3, optimize_1d=True, weight_decay=0.1)),
-        timm=timm and (lambda ps: timm[0].Mars(ps, lr=3e-3, optimize_1d=True, weight_decay=0.1)))
+        timm=timm and (lambda ps: timm_mars(ps, 3e-3, optimize_1d=True, weight_decay=0.1)))
     add("C-MARS-AdamW", lambda ps: shine.MARS(ps, lr=3e-3, cautious=True, foreach=False),
         pytorch_optimizer=po and (lambda ps: po.MARS(ps, lr=3e-3, cautious=True)),
-        timm=timm and (lambda ps: timm[0].Mars(ps, lr=3e-3, caution=True)))
+        timm=timm and (lambda ps: timm_mars(ps, 3e-3, caution=True)))
     for wd in (0.0, 0.1):  # factor_conv="last2": the reference factoring (shine's default flattens conv kernels)
         add(f"CAME, weight_decay={wd}",
             lambda ps, wd=wd: shine.CAME(ps, lr=2e-4, weight_decay=wd, factor_conv="last2", foreach=False),

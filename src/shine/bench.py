@@ -161,8 +161,21 @@ def external_optimizers() -> dict[str, Callable[[list], torch.optim.Optimizer]]:
     return found
 
 
+def _inductor_cache_files() -> int | None:
+    """How many files inductor's on-disk cache holds (0: this run's compiles are all cold);
+    ``None`` where this torch keeps it elsewhere."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        return None
+    return sum(len(files) for _, _, files in os.walk(cache_dir()))
+
+
 def _min_bytes(params, state_bytes: int) -> int:
-    """Bytes one step must move at least: read and write p, read g, read and write the state."""
+    """Bytes of one pass over what a step touches: read and write p and the state, read g. The
+    floor of a one-pass step (AdamW, Lion); a step with a read-only pre-pass (the non-finite
+    check, caution's kept fraction, MARS's clip, clipping) or several passes (CAME) moves more,
+    so its GB/s by this count understate the bandwidth it reaches."""
     pbytes = sum(p.numel() * p.element_size() for p in params)
     return 2 * pbytes + pbytes + 2 * state_bytes
 
@@ -249,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     params = make_params(shapes, dtype, device=device)
     n = sum(p.numel() for p in params)
     bandwidth = in_place_bandwidth(n, device=device)
+    cache_files = _inductor_cache_files()
     device_name = "cpu" if device.type == "cpu" else module.get_device_name(device)
     where = f"{threads} threads" if device.type == "cpu" else device_name
     print(f"GPT-2 {args.scale}: {n / 1e6:.1f}M parameters in {len(params)} tensors, {args.param_dtype}; "
@@ -300,12 +314,19 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{label:<30} failed: {type(err).__name__}: {err}")
     print("vs fused AdamW: median step over the median torch.optim.AdamW(fused=True) step, the two "
           "alternating step by step; (min/min): fastest over fastest, less sensitive to other load")
+    print("GB/s, %bw: by the bytes of one pass (read and write p and state, read g), which steps with a "
+          "pre-pass or several passes exceed; %bw against the in-place bandwidth measured once at the start")
+    print(f"1st step s: includes compiling for the first row that compiles each graph ({cache_files} files "
+          f"in the inductor cache at the start); later rows reuse the graphs")
+    if args.param_dtype == "bf16":
+        print("bf16 parameters: torch's fused AdamW keeps bf16 state, shine fp32 unless state_dtype (state B/p)")
     if args.json:
         meta = {"scale": args.scale, "params": n, "tensors": len(params), "param_dtype": args.param_dtype,
                 "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
                 "device": device_name,
                 "in_place_gb_per_s": bandwidth, "steps": args.steps,
-                "fused_adamw_ns_per_param": rows[0]["ns_per_param"]}
+                "inductor_cache_files_at_start": cache_files,
+                "fused_adamw_ns_per_param": statistics.median(r["baseline_median_s"] for r in rows) * 1e9 / n}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")

@@ -9,12 +9,12 @@ def test_traffic_counts_reads_writes_and_in_place_updates(passes):
     x, y, z = (torch.ones(1000) for _ in range(3))
     with passes.Traffic() as traffic:
         x.add_(y)  # reads x and y, writes x (returned: counted once)
-        torch._foreach_lerp_([x, y], [y, z], 0.5)  # returns nothing; updates x and y
+        torch._foreach_lerp_([x, y], [y, z], 0.5)  # returns nothing; updates x and y; reads y once, passed twice
         x.view(10, 100)  # a view moves nothing
         torch._foreach_mul_([x, y], [torch.tensor(2.0), torch.tensor(3.0)])  # 0-d scales: a launch per tensor
     assert traffic.ops == 3
     assert traffic.launches == 1 + 1 + 2
-    assert traffic.bytes == 4000 * (3 + 6 + 4) + 4 * 2
+    assert traffic.bytes == 4000 * (3 + 5 + 4) + 4 * 2
 
 
 def test_multi_tensor_adamw_moves_less_than_torchs(passes, capsys, monkeypatch):
