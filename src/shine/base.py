@@ -518,5 +518,3 @@ def _rounding(group: dict[str, Any]) -> dict[str, bool]:
 def group_lr(group: dict[str, Any]) -> float:
     """A group's learning rate as a number (it may be a 0-d tensor that a scheduler fills)."""
     return float(group["lr"])
-
-

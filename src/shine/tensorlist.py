@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .distributed import is_dtensor
 from .validation import is_number
@@ -165,13 +166,7 @@ def _scalars_for(x: TensorList, like: TensorList) -> bool:
 def has_values(t: Tensor) -> bool:
     """Whether ``t``'s values can be read: not a meta tensor, nor a FakeTensor (of a memory
     estimate or a trace), which have shapes only."""
-    return t.device.type != "meta" and not _is_fake(t)
-
-
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake  # imported here: it loads the compiler's modules
-
-    return is_fake(t)
+    return t.device.type != "meta" and not is_fake(t)
 
 
 def host_values(x: TensorList) -> list:

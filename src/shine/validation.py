@@ -30,9 +30,10 @@ _PLAIN = frozenset({type(None), bool, int, float, list, torch.dtype})
 def plain_values(group: dict[str, Any]) -> None:
     """Replace, in place, a group's NumPy scalars (``np.float32(1e-3)``, as a ``LambdaLR`` whose
     lambda returns one leaves in ``lr`` under NumPy 2), also inside tuples such as ``betas``
-    (there, 0-d floating-point tensors too), by Python numbers of the same value, and the names of dtypes that :func:`dtypes_as_names` wrote
-    (``"torch.bfloat16"``) by the dtypes. torch.optim takes such numbers; the checks here take
-    Python numbers, and the step's arithmetic on a float32 scalar would round in float32."""
+    (there, 0-d floating-point tensors too), by Python numbers of the same value, and the names
+    of dtypes that :func:`dtypes_as_names` wrote (``"torch.bfloat16"``) by the dtypes. torch.optim
+    takes such numbers; the checks here take Python numbers, and the step's arithmetic on a
+    float32 scalar would round in float32."""
     for key, value in group.items():
         group[key] = _plain(value)
 
