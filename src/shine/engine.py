@@ -863,9 +863,10 @@ def grads_finite(grads: list[Tensor]) -> bool:
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        if has_values(g):  # meta and fake tensors (memory estimates, traces) have no values to check
-            by_device.setdefault(g.device, []).append(g)
+        by_device.setdefault(g.device, []).append(g)
     for device, gs in by_device.items():
+        if not has_values(gs[0]):  # meta and fake tensors (memory estimates, traces) have no values to check
+            continue
         totals = [g.sum() for g in gs] if device.type == "cpu" else torch._foreach_norm(gs, 2)
         if not bool(torch.stack(totals).isfinite().all()):
             if not bool(torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()):

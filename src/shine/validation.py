@@ -88,6 +88,9 @@ def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """One of ``choices``, of its type too (``1`` is not ``True``, nor ``"False"`` ``False``)."""
+    for c in choices:  # None, bools and dtypes are singletons: the check of every step ends here
+        if value is c:
+            return
     require(any(type(value) is type(c) and value == c for c in choices),
             f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
