@@ -34,6 +34,25 @@ def test_stochastic_round_is_unbiased_and_lands_on_neighbours(compiled):
     assert bool(((ups - 0.3).abs() < 4 * (0.21 / 400) ** 0.5).all()), ups
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stochastic_round_decides_each_element_independently(compiled):
+    """Halfway between two bf16 values, each element rounds up half the time, and elements at any
+    distance decide independently: the compiled CPU path's hash of the element index (Knuth's
+    multiplicative hash alone) had correlated elements 1, 8, 55, 987 and 4096 apart by -0.53,
+    0.78, 0.97, 1.00 and -0.87."""
+    if compiled and not engine.compiler_available("cpu"):
+        pytest.skip("torch.compile unavailable")
+    stochastic_round = torch.compile(engine.stochastic_round, dynamic=True) if compiled else engine.stochastic_round
+    torch.manual_seed(0)
+    spacing = 2.0 ** -7
+    x = torch.full((8192,), 1.0 + 0.5 * spacing)
+    up = torch.stack([stochastic_round(x) > 1.0 for _ in range(300)]).double() - 0.5  # +-1/2
+    assert (up.mean(0).abs() < 4 * 0.5 / 300 ** 0.5).float().mean() > 0.999  # each element: p = 1/2
+    for d in (1, 2, 8, 55, 987, 4096):
+        correlation = (up[:, :-d] * up[:, d:]).mean().item() / 0.25
+        assert abs(correlation) < 0.03, (d, correlation)
+
+
 def test_bf16_state_dtypes_and_memory():
     """state_dtype=bf16 halves the per-element state; CAME's factored statistics stay fp32."""
     shapes = gpt2_shapes(2, 64, vocab=500, context=64)
