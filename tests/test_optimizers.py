@@ -953,6 +953,7 @@ def test_numpy_numbers_are_taken_as_python_numbers():
     (lambda: shine.MARS(P, betas_1d=(1.5, 0.9)), r"Invalid betas_1d\[0\]"),
     (lambda: shine.MARS(P, mars_type="shampoo", ns_dtype="bfloat16"), "Invalid ns_dtype: 'bfloat16'"),
     (lambda: shine.MARS(P, mars_type="shampoo", ns_dtype=torch.int32), "Invalid ns_dtype: torch.int32"),
+    (lambda: shine.MARS(P, mars_type="shampoo", ns_steps=True), "Invalid ns_steps: True"),
     (lambda: shine.CAME(P), "explicit lr"),
     (lambda: shine.CAME(P, lr=1e-3, betas=(0.9, 0.999)), "Invalid betas"),
     (lambda: shine.CAME(P, lr=1e-3, factor_conv="rows"), "Invalid factor_conv"),

@@ -13,7 +13,7 @@ from . import distributed, engine, rules
 from .base import ShineOptimizer, group_lr, run_closure, state_zeros
 from .engine import Pipeline
 from .validation import (LOW_PRECISION, check_betas, check_choice, check_eps, check_finite_nonneg, check_lr,
-                         plain_values, require)
+                         is_number, plain_values, require)
 
 _COMMON_DOC = """
         cautious: mask the update where it disagrees in sign with the gradient
@@ -301,7 +301,7 @@ class MARS(_VarianceReduced):
         check_finite_nonneg("lr_1d", group["lr_1d"])
         check_betas("betas_1d", group["betas_1d"], 2)
         check_finite_nonneg("weight_decay_1d", group["weight_decay_1d"])
-        require(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
+        require(is_number(group["ns_steps"]) and isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
                 f"Invalid ns_steps: {group['ns_steps']!r} (expected an int >= 1)")
         require(isinstance(group["optimize_1d"], bool),
                 f"Invalid optimize_1d: {group['optimize_1d']!r} (expected a bool)")
@@ -388,7 +388,9 @@ class CAME(_VarianceReduced):
         clip_threshold: RMS bound of the normalised update (1.0).
         weight_decay: decoupled, ``p -= lr*wd*p`` before the update.
         factor_conv: tensors with more than 2 dims are factored as ``(shape[0], rest)``
-            with "flatten" (default, smaller state than Adam's for every conv) or over
+            with "flatten" (default; state n*m + 2(n+m) against Adam's 2nm for an n x m view, smaller
+            where n*m > 2(n+m): all conv kernels but those of 1 or 2 output channels and a few
+            tiny ones, such as 4x3x1x1) or over
             their last two dims with "last2" (the reference).
         gamma: strength of the MARS correction; ``None`` (default): none, CAME as published.
         approx: with a ``gamma``, MARS's approximate (default) or exact mode.{_COMMON_DOC}"""

@@ -94,5 +94,8 @@ def _worker(rank: int, nproc: int, port: int, device: str, body, args, status) -
         code = body(args)
         if rank == 0:
             status.put(code)
+        # tear down together: a rank that destroyed its group while rank 0 still wrote the reports
+        # was once killed by gloo ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
