@@ -185,7 +185,7 @@ def test_arena_trains_on_cuda(tmp_path):
 
 def test_shard_sums_move_host_sizes_to_the_device_without_waiting():
     """``ShardSums`` sends its host sizes from pinned memory, asynchronously: the same values."""
-    from shine.distributed import _on_device
+    from shine.distributed import on_device
     sizes = torch.tensor([3.0, 65537.0], dtype=torch.float64)
-    moved = _on_device(sizes, CUDA)
+    moved = on_device(sizes, CUDA)
     assert moved.device.type == "cuda" and torch.equal(moved.cpu(), sizes)

@@ -1009,6 +1009,7 @@ def test_torch_adamw_keyword_arguments_build_shine_adamw():
         torchs.step()
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert shine.AdamW([p], 1e-3, (0.9, 0.999), 1e-8, 1e-2, False).defaults["betas"] == (0.9, 0.999)
+    shine.AdamW([p], amsgrad=0, betas=[torch.tensor(0.9), torch.tensor(0.99)]).step()  # falsy, a list: as torch
     for key in ("amsgrad", "capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"Invalid {key}: True .* only at its default False"):
             shine.AdamW([p], **{key: True})
@@ -1203,12 +1204,62 @@ def test_steps_on_tensors_without_values(name, mode):
         for _ in range(2):
             model(torch.randn(4, 6)).sum().backward()
             opt.step()
-        return model
+        return model, opt
 
     if mode == "meta":
         with torch.device("meta"):
-            model = steps()
+            model, opt = steps()
     else:
         with FakeTensorMode():
-            model = steps()
-    assert all(p.device.type == "meta" for p in model.parameters()) if mode == "meta" else True
+            model, opt = steps()
+    for p in model.parameters():
+        state = opt.state[p]
+        assert float(state["step"]) == 2  # counted on the host, whatever the default device
+        assert all(t.device == p.device for k, t in state.items() if k != "step")
+
+
+def test_string_options_take_any_str():
+    """A ``str`` enum's member or a NumPy string stands for the string (configs built from enums or
+    arrays); ``1`` still is not ``True``."""
+    import enum
+
+    class Mode(str, enum.Enum):
+        SKIP = "skip"
+
+    np = pytest.importorskip("numpy")
+    assert shine.AdamW(P, nonfinite=Mode.SKIP).nonfinite == "skip"
+    shine.MARS(P, mars_type=np.str_("lion"))
+    with pytest.raises(ValueError, match="Invalid foreach: 1"):
+        shine.AdamW(P, foreach=1)
+
+
+def test_a_refused_saved_group_is_named_as_the_state_dicts():
+    """A saved group whose hyperparameters this optimizer refuses (torch's AdamW with eps=0) names
+    the state dict's group, where the user can set it, and changes nothing."""
+    p = nn.Parameter(torch.randn(3))
+    torchs = torch.optim.AdamW([p], eps=0.0)
+    opt = shine.AdamW([p])
+    _assert_load_refused(opt, torchs.state_dict(), r"load_state_dict: saved parameter group #0: Invalid eps: 0.0")
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_a_stash_checked_when_stashed_is_not_read_again_by_the_step(name):
+    """Under ``nonfinite="raise"`` ``stash_grad`` checks the stash, so the step that uses it does not
+    read it again; a stash it did not check (taken under ``"skip"``, or loaded) the step checks."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = EXACT[name]([p])
+    for _ in range(2):
+        p.grad = torch.randn(4, 3)
+        opt.stash_grad()
+        opt.step()
+    assert "prev_grad" in opt.state[p] and opt._also_checked([p]) == []
+    twin = EXACT[name]([p])
+    twin.load_state_dict(opt.state_dict())
+    assert [q for q, _ in twin._also_checked([p])] == [p]
+    opt.nonfinite = "skip"
+    p.grad = torch.randn(4, 3)
+    opt.stash_grad()
+    opt.step()
+    opt.nonfinite = "raise"
+    assert [q for q, _ in opt._also_checked([p])] == [p]
+

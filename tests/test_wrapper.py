@@ -156,6 +156,8 @@ def test_wrapper_forwards_the_inner_optimizers_own_methods():
     assert opt._optimizer_step_pre_hooks is not opt.inner._optimizer_step_pre_hooks
     with pytest.raises(AttributeError, match="stash_grad"):
         shine.Cautious(torch.optim.SGD([p], lr=0.1)).stash_grad()
+    opt.nonfinite, opt.max_grad_norm = "skip", 1.0  # the inner optimizer's options, set where its step reads them
+    assert (opt.inner.nonfinite, opt.inner.max_grad_norm) == ("skip", 1.0) and "nonfinite" not in vars(opt)
 
 
 FP32 = DTYPES["fp32"]

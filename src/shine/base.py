@@ -182,7 +182,8 @@ class ShineOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's, with the groups' dtypes (``state_dtype``) by name (:func:`dtypes_as_names`), so
-        that ``torch.distributed.checkpoint`` can gather and offload it; loading turns them back."""
+        that ``torch.distributed.checkpoint`` can gather and offload it; loading turns them back.
+        (State-dict post-hooks, which torch runs inside, still see the dtypes.)"""
         state_dict = super().state_dict()
         state_dict["param_groups"] = [dtypes_as_names(g) for g in state_dict["param_groups"]]
         return state_dict
@@ -197,9 +198,11 @@ class ShineOptimizer(Optimizer):
         A state dict saved by another optimizer loads where it holds this one's state: from
         ``torch.optim.AdamW`` into :class:`shine.AdamW` (the same ``exp_avg``, ``exp_avg_sq``
         and ``step``), its groups taking this optimizer's defaults for the options it lacks.
-        Otherwise a parameter whose saved state lacks a tensor this optimizer needs, or holds one of
-        another shape than this optimizer makes for it (state saved for other parameters, or in
-        another order), is an error that names it, and the optimizer keeps the state it had. The
+        Otherwise a parameter whose saved state lacks a tensor this optimizer needs, holds one it
+        does not keep (MARS's ``prev_grad`` for AdamW), or holds one of another shape than this
+        optimizer makes for it (state saved for other parameters, or in another order), is an error
+        that names it, and the optimizer keeps the state it had; so is a saved group whose
+        hyperparameters this optimizer refuses (``eps=0``: set it in the state dict first). The
         step would otherwise fail midway (after stepping other buckets), or step a same-sized state
         of another shape silently on the fused path, which works on flat views.
 
@@ -247,10 +250,14 @@ class ShineOptimizer(Optimizer):
                 elif key == "step" and isinstance(value, (int, float)):  # as torch < 1.12 saved it
                     self.state[p][key] = torch.tensor(float(value), device="cpu")
         index = 0
-        for group in self.param_groups:
+        for number, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            self._validate(group)
+            try:
+                self._validate(group)
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: saved parameter group "
+                                 f"#{number}: {err}") from None
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
@@ -450,14 +457,17 @@ class ShineOptimizer(Optimizer):
             return None
         checked = [(p, p.grad, "gradient") for p in params] + [(p, t, "stashed gradient (exact mode's g_prev)")
                                                              for p, t in self._also_checked(params)]
+        raise RuntimeError(f"{type(self).__name__}: non-finite {self._where_nonfinite(checked)}; no state was "
+                           f"changed. Pass nonfinite='skip' to skip such steps.")
+
+    def _where_nonfinite(self, checked: list[tuple[Tensor, Tensor, str]]) -> str:
+        """Which of the ``(parameter, tensor, what)`` is the first with a NaN or inf, in words; the
+        processes agreed that one is, so where none is here, it is in another one's shard."""
         found = next((item for item in checked if not torch.isfinite(item[1]).all()), None)
-        if found is None:  # the processes agreed on the check, and the bad values are in another one's shard
-            where = "gradient (NaN or inf) in another process's shard"
-        else:
-            bad, _, what = found
-            where = f"{what} (NaN or inf) in parameter #{self._index(bad)} of shape {tuple(bad.shape)}"
-        raise RuntimeError(f"{type(self).__name__}: non-finite {where}; no state was changed. "
-                           f"Pass nonfinite='skip' to skip such steps.")
+        if found is None:
+            return f"{checked[0][2] if checked else 'gradient'} (NaN or inf) in another process's shard"
+        bad, _, what = found
+        return f"{what} (NaN or inf) in parameter #{self._index(bad)} of shape {tuple(bad.shape)}"
 
 
 def with_load_hooks(optimizer: Optimizer, state_dict: dict[str, Any], load: Callable[[dict[str, Any]], None]) -> None:

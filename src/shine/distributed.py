@@ -282,7 +282,7 @@ class ShardSums:
         numbers = [x for column in sizes for x in ([column] if single else column)]
         buffer = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
         if numbers:
-            buffer = torch.cat([buffer, _on_device(torch.tensor(numbers, dtype=torch.float64), buffer.device)])
+            buffer = torch.cat([buffer, on_device(torch.tensor(numbers, dtype=torch.float64), buffer.device)])
         for group, splits in self.groups:
             if along is None or splits == along:
                 torch.distributed.all_reduce(buffer, group=group)
@@ -293,7 +293,7 @@ class ShardSums:
         return tuple(columns) if sizes else columns[0]
 
 
-def _on_device(t: Tensor, device: torch.device) -> Tensor:
+def on_device(t: Tensor, device: torch.device) -> Tensor:
     """``t`` (on the host) copied to ``device`` without waiting for the device: a copy from
     pageable memory to a CUDA device synchronises with its stream, one from pinned memory does not."""
     if device.type != "cuda":

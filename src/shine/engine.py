@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import rules, tensorlist
-from .distributed import is_dtensor
+from .distributed import is_dtensor, on_device
 from .rules.hoist import hoist
 from .tensorlist import ROWWISE_MIN_NUMEL, TensorList, has_values, per_tensor, sum_of_squares
 from .validation import LOW_PRECISION, warn_once
@@ -555,7 +555,8 @@ def _packed(hyper: dict[str, Any], device: torch.device) -> tuple[Tensor, tuple[
     # float64, not float32: ``1 - beta`` of a float32 beta3 = 0.9999 is off by 2e-4 relative,
     # which CAME's confidence term amplifies; in float64 the constants round as Python's do.
     floats = tuple(k for k, v in hyper.items() if isinstance(v, float))
-    packed = torch.tensor([hyper[k] for k in floats], dtype=torch.float64, device=device)
+    # built on the host and copied without waiting for the device's queue (a plain copy to CUDA waits)
+    packed = on_device(torch.tensor([hyper[k] for k in floats], dtype=torch.float64), device)
     return packed, floats, {k: v for k, v in hyper.items() if k not in floats}
 
 
@@ -903,7 +904,7 @@ def grad_norm(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> float:
     totals: dict[torch.device, list[Tensor]] = {}
     for (device, wide), gs in by_kind.items():
         if device.type != "cpu":
-            squares = [n.double().square() for n in torch._foreach_norm(gs, 2, dtype=wide)]
+            squares = [torch.stack(torch._foreach_norm(gs, 2, dtype=wide)).double().square().sum()]  # 3 launches
         else:
             squares = [sum_of_squares(g, wide) for g in gs if g.numel() >= ROWWISE_MIN_NUMEL]
             small = [g for g in gs if g.numel() < ROWWISE_MIN_NUMEL]

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import distributed, engine, rules
 from .base import ShineOptimizer, group_lr, run_closure, state_zeros
@@ -73,7 +74,7 @@ class AdamW(ShineOptimizer):
         for name, value, why in (("amsgrad", amsgrad, "AMSGrad is not implemented"),
                                  ("capturable", capturable, "steps capturable in CUDA graphs are not implemented"),
                                  ("differentiable", differentiable, "the step is not differentiable")):
-            require(value is False, f"Invalid {name}: {value!r} (shine.AdamW takes torch.optim.AdamW's {name} "
+            require(not value, f"Invalid {name}: {value!r} (shine.AdamW takes torch.optim.AdamW's {name} "
                                     f"only at its default False: {why})")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_common(cautious, maximize))
         super().__init__(params, defaults, foreach=foreach, fused=fused, nonfinite=nonfinite,
@@ -182,20 +183,26 @@ class _VarianceReduced(ShineOptimizer):
             if scale != 1.0:
                 g.div_(scale)
             stashed.append((p, g.neg_() if groups[id(p)]["maximize"] else g))
-        if self.nonfinite == "raise" and not distributed.grads_finite([g for _, g in stashed], engine.grads_finite):
-            bad = next((p for p, g in stashed if not torch.isfinite(g).all()), None)
-            where = ("in another process's shard" if bad is None else
-                     f"in parameter #{self._index(bad)} of shape {tuple(bad.shape)}")
-            raise RuntimeError(f"{name}.stash_grad(): non-finite gradient (NaN or inf) {where}; nothing was "
-                               f"stashed (the previous stash stays). Recompute it, or pass nonfinite='skip' to "
-                               f"skip the step that would use it.")
+        if self.nonfinite == "raise":
+            if not distributed.grads_finite([g for _, g in stashed], engine.grads_finite):
+                where = self._where_nonfinite([(p, g, "gradient") for p, g in stashed])
+                raise RuntimeError(f"{name}.stash_grad(): non-finite {where}; nothing was stashed (the previous "
+                                   f"stash stays). Recompute it, or pass nonfinite='skip' to skip the step that "
+                                   f"would use it.")
+            checked = self.__dict__.setdefault("_checked_stashes", WeakIdKeyDictionary())
+            for _, g in stashed:
+                checked[g] = True
         for p, g in stashed:
             self.state[p]["next_prev_grad"] = g
 
     def _also_checked(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """Exact mode's ``g_prev`` of this step (a stashed gradient), checked with the gradients."""
+        """Exact mode's ``g_prev`` of this step (a stashed gradient), checked with the gradients,
+        unless ``stash_grad`` checked it (``nonfinite="raise"``: a second read, and a second
+        synchronisation, for nothing). Those it checked are held weakly: a loaded one is checked."""
         exact = {id(p) for p in self._exact_params()}
-        return [(p, self.state[p]["prev_grad"]) for p in params if id(p) in exact and "prev_grad" in self.state[p]]
+        checked = self.__dict__.get("_checked_stashes", {})
+        return [(p, t) for p in params if id(p) in exact
+                and (t := self.state[p].get("prev_grad")) is not None and t not in checked]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None,

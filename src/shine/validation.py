@@ -24,7 +24,11 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-_PLAIN = frozenset({type(None), bool, int, float, list, torch.dtype})
+_PLAIN = frozenset({type(None), bool, int, float, str, torch.dtype})
+
+
+#: The group keys whose values are dtypes (by name in a state dict: :func:`dtypes_as_names`).
+DTYPE_KEYS = ("state_dtype", "ns_dtype")
 
 
 def plain_values(group: dict[str, Any]) -> None:
@@ -35,18 +39,19 @@ def plain_values(group: dict[str, Any]) -> None:
     takes such numbers; the checks here take Python numbers, and the step's arithmetic on a
     float32 scalar would round in float32."""
     for key, value in group.items():
-        group[key] = _plain(value)
+        if key in DTYPE_KEYS and isinstance(value, str) and value.startswith("torch."):
+            named = getattr(torch, value.removeprefix("torch."), None)
+            group[key] = named if isinstance(named, torch.dtype) else value
+        elif key not in ("params", "param_names"):
+            group[key] = _plain(value)
 
 
 def _plain(value: Any) -> Any:
     if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # the usual values, at every step
         return value
-    if isinstance(value, str):
-        named = getattr(torch, value.removeprefix("torch."), None) if value.startswith("torch.") else None
-        return named if isinstance(named, torch.dtype) else value
-    if isinstance(value, tuple):  # betas: 0-d tensors too, as torch.optim takes them
-        return tuple(float(v) if isinstance(v, torch.Tensor) and v.ndim == 0 and v.is_floating_point() else _plain(v)
-                     for v in value)
+    if isinstance(value, (tuple, list)):  # betas: 0-d tensors too, as torch.optim takes them (read as numbers)
+        return type(value)(float(v) if isinstance(v, torch.Tensor) and v.ndim == 0 and v.is_floating_point()
+                           else _plain(v) for v in value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
@@ -58,7 +63,7 @@ def dtypes_as_names(group: dict[str, Any]) -> dict[str, Any]:
     """``group`` with each ``torch.dtype`` value (``state_dtype``, ``ns_dtype``) as its name, as a
     state dict holds it: ``torch.distributed.checkpoint`` takes numbers, strings, lists, dicts and
     tensors only (a dtype made ``get_optimizer_state_dict(..., full_state_dict=True)`` fail)."""
-    return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in group.items()}
+    return {k: str(v) if k in DTYPE_KEYS and isinstance(v, torch.dtype) else v for k, v in group.items()}
 
 
 def check_finite_nonneg(name: str, value: Any, *, positive: bool = False) -> None:
@@ -87,11 +92,13 @@ def check_betas(name: str, betas: Sequence[Any], count: int) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """One of ``choices``, of its type too (``1`` is not ``True``, nor ``"False"`` ``False``)."""
+    """One of ``choices``, of its type too (``1`` is not ``True``, nor ``"False"`` ``False``;
+    any ``str``, a ``str`` enum's member or ``np.str_``, stands for a string)."""
     for c in choices:  # None, bools and dtypes are singletons: the check of every step ends here
         if value is c:
             return
-    require(any(type(value) is type(c) and value == c for c in choices),
+    require(any(value == c and (type(value) is type(c) or isinstance(c, str) and isinstance(value, str))
+                for c in choices),
             f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
 

@@ -75,6 +75,16 @@ class Cautious(Optimizer):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(inner, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A public attribute of the inner optimizer's own (``nonfinite``, ``max_grad_norm``) is set
+        there, where the step reads it; everything else (torch's hooks, a scheduler's patched
+        ``step``) on the wrapper."""
+        inner = self.__dict__.get("inner")
+        if inner is not None and not name.startswith("_") and name not in self.__dict__ and name in vars(inner):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __getstate__(self) -> dict[str, Any]:
         """What a copy (``copy.deepcopy``, ``pickle``) carries: the inner optimizer, which holds the
         groups and state (torch's ``__getstate__`` reads them, and would lose ``inner``), and the

@@ -166,8 +166,9 @@ def came_factored(x, *state, **hyper):
 
     On TensorLists (the multi-tensor path) where launches cost host time (GPUs), the matrices of
     one shape go as one stack (:func:`_came_factored_stacked`, :data:`STACKED`): the element-wise
-    passes are multi-tensor kernels over the stacks, and the reductions, broadcasts and reshapes go
-    stack by stack. On the CPU the whole step goes matrix by matrix, every pass over
+    passes between tensors of one shape are multi-tensor kernels over the stacks; the reductions,
+    reshapes and broadcasting passes (a stack against its row or column statistics: torch's
+    multi-tensor kernels take those tensor by tensor) go stack by stack. On the CPU the whole step goes matrix by matrix, every pass over
     a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
