@@ -212,3 +212,29 @@ def test_data_option_trains_on_a_given_text_file(tmp_path):
     assert arena("--optimizers", "adamw", *SMALL, "--data", str(text), out=tmp_path / "out") == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["task"]["data"] == str(text) and results["task"]["corpus"] == str(text)
+
+
+def test_a_non_finite_gradient_marks_the_run_diverged(tmp_path, capsys):
+    """An lr so high that the gradient turns non-finite before the loss does is a diverged run in
+    the table, as a non-finite loss is (it had ended the whole arena with the optimizer's error);
+    lrs that differ in their fourth digit print apart."""
+    assert arena("--optimizers", "adamw", *SMALL, "--lr", "adamw=1e-3,1.0004e-3,1e4", out=tmp_path) == 0
+    runs = {r["lr"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert runs[1e4]["diverged"] and not runs[1e-3]["diverged"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| adamw | 10000 | diverged |" in table and "| 0.0010004 |" in table
+    assert "3 runs (1 optimizer, seeds: 1)" in capsys.readouterr().out
+
+
+def test_an_output_folder_inside_the_data_folder_is_not_data(tmp_path):
+    """``--out`` inside ``--data``'s folder: the arena's own log and reports are not read as text
+    (they had changed the data, and so the losses, from one run to the next)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 100)
+    losses = []
+    for _ in range(2):
+        assert arena("--optimizers", " adamw", *SMALL, "--data", str(corpus), out=corpus / "out") == 0
+        losses.append(json.loads((corpus / "out" / "results.json").read_text())["summary"][0]["val_loss_mean"])
+    assert losses[0] == losses[1]
+

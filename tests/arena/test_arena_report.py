@@ -38,6 +38,7 @@ def test_summary_keeps_the_best_lr_the_grid_and_ranks_rows():
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(10, 3.0), (20, 2.0), (30, 1.0)]
     assert report.steps_to_reach(curve, 1.5) == 25
+    assert report.steps_to_reach(curve, 1.97) == 21  # 20.3 by interpolation: reached by step 21, not 20
     assert report.steps_to_reach(curve, 3.5) == 10
     assert report.steps_to_reach(curve, 0.5) is None
     rows = {r["optimizer"]: r for r in report.summarize(RECORDS, ["adamw", "lion"])}

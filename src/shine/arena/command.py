@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -116,7 +117,8 @@ def build_config(args: argparse.Namespace) -> ArenaConfig:
     """Check the options against each other and against shine's optimizers; ValueError if they clash."""
     known = shine.list_optimizers()
     sizes = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
-    names = list(dict.fromkeys(n for opt in (args.optimizers or DEFAULT_OPTIMIZERS) for n in opt.split(",") if n))
+    names = list(dict.fromkeys(n.strip() for opt in (args.optimizers or DEFAULT_OPTIMIZERS) for n in opt.split(",")
+                               if n.strip()))
     if not names:
         raise ValueError("--optimizers: no optimizer named")
     for name in names:
@@ -162,6 +164,10 @@ def train_all(corpus: ByteCorpus, task: Task, todo: list[tuple[str, float, int]]
     return True
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `shine arena`: train every planned run not yet done, then print and write the reports.
 
@@ -170,9 +176,11 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         config = build_config(args)
-        corpus = load_corpus(args.data, config.task.seq_len)
+        corpus = load_corpus(args.data, config.task.seq_len, exclude=Path(config.out_dir))
         task = config.task = replace(config.task, data_sha256=corpus.sha256)
         log = RunLog(config.out_dir, task, config.resume)
+        if not os.access(config.out_dir, os.W_OK):  # found before training, not when the first run is logged
+            raise OSError(f"--out {config.out_dir}: not writable")
         if not config.resume:  # a new arena: an earlier one's reports there would not match its run log
             report.remove_reports(config.out_dir)
     except (ValueError, OSError) as err:
@@ -192,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"shine arena: {corpus.source} ({len(corpus.train) / 1e3:.0f} KB train, {len(corpus.val) / 1e3:.0f} KB validation), "
         f"model {task.model} ({n_params / 1e6:.2f} M params), {task.steps} steps x {task.batch_size} x {task.seq_len} bytes, "
-        f"{len(plan)} runs ({len(config.lr_grids)} optimizers, seeds: {config.seeds}"
+        f"{_counted(len(plan), 'run')} ({_counted(len(config.lr_grids), 'optimizer')}, seeds: {config.seeds}"
         + (f", {len(plan) - len(todo)} already done" if len(todo) < len(plan) else "")
         + f") on {task.device}, threads: {threads}"
     )

@@ -41,10 +41,12 @@ def _stdlib_sources() -> bytes:
     return b"\n\n".join(chunks)[:FALLBACK_BYTES]
 
 
-def read_text_path(path: str | Path) -> bytes:
+def read_text_path(path: str | Path, exclude: Path | None = None) -> bytes:
     """The bytes of a text file, or of every text file under a folder in path order.
 
-    Files that look binary (a NUL byte in their first 8 KB) and hidden files are skipped.
+    Files that look binary (a NUL byte in their first 8 KB), hidden files and the files under
+    ``exclude`` (the arena's own output folder, when it lies inside the data folder: its logs and
+    reports would change the data from one run to the next) are skipped.
     """
     root = Path(path)
     if root.is_file():
@@ -54,6 +56,8 @@ def read_text_path(path: str | Path) -> bytes:
     chunks = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in file.relative_to(root).parts):
+            continue
+        if exclude is not None and file.resolve().is_relative_to(exclude.resolve()):
             continue
         data = file.read_bytes()
         if b"\0" not in data[:8192]:
@@ -108,10 +112,11 @@ def _split_fits(n: int, seq_len: int) -> bool:
     return min(n - n_val, n_val) > seq_len
 
 
-def load_corpus(path: str | Path | None, seq_len: int) -> ByteCorpus:
-    """The corpus of `--data PATH`, or the default corpus when `path` is None."""
+def load_corpus(path: str | Path | None, seq_len: int, exclude: Path | None = None) -> ByteCorpus:
+    """The corpus of `--data PATH` (without the files under `exclude`), or the default corpus when
+    `path` is None."""
     if path is None:
         data, source = default_corpus()
     else:
-        data, source = read_text_path(path), str(path)
+        data, source = read_text_path(path, exclude), str(path)
     return ByteCorpus.from_bytes(data, seq_len, source)

@@ -86,7 +86,8 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | N
         if loss <= target:
             if math.isinf(prev_loss):
                 return step
-            return round(prev_step + (prev_loss - target) / (prev_loss - loss) * (step - prev_step))
+            # up: the first whole step by which the interpolated curve has reached the target
+            return math.ceil(prev_step + (prev_loss - target) / (prev_loss - loss) * (step - prev_step))
         prev_step, prev_loss = step, loss
     return None
 
@@ -157,7 +158,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str = "adamw") -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
-            r["optimizer"], f"{r['best_lr']:.3g}", _loss(r["val_loss_mean"], r["val_loss_std"], r["seeds"]), _vs_best(r),
+            r["optimizer"], f"{r['best_lr']:.6g}", _loss(r["val_loss_mean"], r["val_loss_std"], r["seeds"]), _vs_best(r),
             "-" if math.isinf(r["train_loss_mean"]) else f"{r['train_loss_mean']:.4f}", str(r["seeds"]),
             f"{r['time_per_step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['state_mb']:.2f}",
             "-" if r["steps_to_baseline_loss"] is None else str(r["steps_to_baseline_loss"]),
@@ -173,7 +174,7 @@ def markdown_lr_grid(rows: Sequence[dict[str, Any]]) -> str:
         for g in r["lr_grid"]:
             chosen = "✓" if g["lr"] == r["best_lr"] else ""
             lines.append(
-                f"| {r['optimizer']} | {g['lr']:.3g} | {_loss(g['val_loss_mean'], g['val_loss_std'], g['seeds'])} | {g['seeds']} | {chosen} |"
+                f"| {r['optimizer']} | {g['lr']:.6g} | {_loss(g['val_loss_mean'], g['val_loss_std'], g['seeds'])} | {g['seeds']} | {chosen} |"
             )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,14 +135,15 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model with one optimizer at one lr and seed; return the run's record.
 
-    A run whose training loss turns non-finite stops there and is marked diverged.
+    A run whose training loss, or gradient, turns non-finite stops there and is marked diverged
+    (the optimizer skips that step instead of raising: ``nonfinite="skip"``).
     """
     torch.manual_seed(seed)
     model = build_model(task.model, task.seq_len).to(task.device)
     parallel.shard(model, model.blocks)
     hyper = optimizer_hyper(optimizer)
     # the global-norm clip inside the step: clip_grad_norm_'s numbers without its passes over the gradients
-    opt = shine.create_optimizer(model, optimizer, lr=lr, max_grad_norm=GRAD_CLIP, **hyper)
+    opt = shine.create_optimizer(model, optimizer, lr=lr, max_grad_norm=GRAD_CLIP, nonfinite="skip", **hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps, task.warmup_steps))
     batches = corpus.train_batches(task.batch_size, task.seq_len, seed)
     val_batches = corpus.val_batches(task.batch_size, task.seq_len, EVAL_WINDOWS)
@@ -158,7 +160,11 @@ def train_run(
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        with warnings.catch_warnings():  # the skip ends the run: reported as diverged, not warned of
+            warnings.filterwarnings("ignore", ".*non-finite gradient, step skipped", RuntimeWarning)
+            opt.step()
+        if opt.skipped_steps:  # a non-finite gradient (every rank agrees): diverged
+            break
         sched.step()
         if task.device != "cpu":
             torch.cuda.synchronize(task.device)  # so the timing covers the step's kernels
