@@ -79,7 +79,14 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
 def test_resume_refuses_a_different_task(tmp_path, capsys):
     assert arena("--optimizers", "adamw", *SMALL, out=tmp_path) == 0
     assert arena("--optimizers", "adamw", *SMALL, "--steps", "5", "--resume", out=tmp_path) == 2
-    assert "another task" in capsys.readouterr().err
+    assert "another task (steps: 4 there, 5 now)" in capsys.readouterr().err  # names the setting
+
+
+def test_a_new_arena_says_it_discards_the_runs_logged_in_its_folder(tmp_path, capsys):
+    assert arena("--optimizers", "adamw", *SMALL, out=tmp_path) == 0
+    capsys.readouterr()
+    assert arena("--optimizers", "adamw", *SMALL, out=tmp_path) == 0
+    assert "discarding the 1 run logged there (--resume keeps them)" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_data_file_changed_since(tmp_path, capsys):

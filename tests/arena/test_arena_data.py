@@ -55,6 +55,13 @@ def test_folder_reads_text_files_in_path_order_and_skips_binary_and_hidden(tmp_p
     assert data.read_text_path(tmp_path / "a.txt") == b"first"
 
 
+def test_a_folder_of_only_binary_looking_files_says_so(tmp_path):
+    """UTF-16 text has NUL bytes: a folder of it had read as 0 bytes of text."""
+    (tmp_path / "a.txt").write_bytes("some text".encode("utf-16"))
+    with pytest.raises(ValueError, match="its 1 file.* look binary .*UTF-16"):
+        data.read_text_path(tmp_path)
+
+
 def test_missing_path_and_too_little_text_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.load_corpus(tmp_path / "nope", seq_len=8)

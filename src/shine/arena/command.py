@@ -179,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.data, config.task.seq_len, exclude=Path(config.out_dir))
         task = config.task = replace(config.task, data_sha256=corpus.sha256)
         log = RunLog(config.out_dir, task, config.resume)
+        if log.discarded:
+            print(f"shine arena: a new arena in {config.out_dir}: discarding the {_counted(log.discarded, 'run')} "
+                  f"logged there (--resume keeps them)", file=sys.stderr)
         if not os.access(config.out_dir, os.W_OK):  # found before training, not when the first run is logged
             raise OSError(f"--out {config.out_dir}: not writable")
         if not config.resume:  # a new arena: an earlier one's reports there would not match its run log

@@ -53,7 +53,7 @@ def read_text_path(path: str | Path, exclude: Path | None = None) -> bytes:
         return root.read_bytes()
     if not root.is_dir():
         raise FileNotFoundError(f"--data {path}: no such file or folder")
-    chunks = []
+    chunks, binary = [], 0
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in file.relative_to(root).parts):
             continue
@@ -62,6 +62,11 @@ def read_text_path(path: str | Path, exclude: Path | None = None) -> bytes:
         data = file.read_bytes()
         if b"\0" not in data[:8192]:
             chunks.append(data)
+        else:
+            binary += 1
+    if binary and not chunks:
+        raise ValueError(f"--data {path}: its {binary} file(s) look binary (a NUL byte in the first 8 KB, as in "
+                         f"UTF-16 text); give text in UTF-8 or another byte encoding")
     return b"\n\n".join(chunks)
 
 

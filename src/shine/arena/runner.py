@@ -205,11 +205,14 @@ class RunLog:
         self.path = out_dir / LOG_NAME
         self.records: list[dict[str, Any]] = []
         header = {"task": asdict(task)}
-        lines = self.path.read_text().splitlines() if resume and self.path.exists() else []
+        logged = self.path.read_text().splitlines() if self.path.exists() else []
+        #: runs of an earlier arena in this folder that a new one (no ``resume``) starts over from
+        self.discarded = 0 if resume else sum(map(_is_complete_json, logged[1:]))
+        lines = logged if resume else []
         if lines:
             if not _is_complete_json(lines[0]) or json.loads(lines[0]) != header:
                 raise ValueError(
-                    f"--resume: {self.path} holds runs of another task ({lines[0][:300]}); "
+                    f"--resume: {self.path} holds runs of another task ({_task_difference(lines[0], header)}); "
                     "use the same arguments, another --out, or drop --resume"
                 )
             complete = [line for line in lines[1:] if _is_complete_json(line)]
@@ -229,6 +232,16 @@ class RunLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _task_difference(saved_line: str, header: dict[str, Any]) -> str:
+    """What differs between the task of a log's first line and ``header``'s, setting by setting."""
+    saved = json.loads(saved_line).get("task") if _is_complete_json(saved_line) else None
+    if not isinstance(saved, dict):
+        return saved_line[:300]
+    now = header["task"]
+    return "; ".join(f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now"
+                     for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key))
 
 
 def _finite_or_none(value: float) -> float | None:
