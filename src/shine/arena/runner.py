@@ -236,7 +236,8 @@ class RunLog:
 
 def _task_difference(saved_line: str, header: dict[str, Any]) -> str:
     """What differs between the task of a log's first line and ``header``'s, setting by setting."""
-    saved = json.loads(saved_line).get("task") if _is_complete_json(saved_line) else None
+    loaded = json.loads(saved_line) if _is_complete_json(saved_line) else None
+    saved = loaded.get("task") if isinstance(loaded, dict) else None
     if not isinstance(saved, dict):
         return saved_line[:300]
     now = header["task"]
