@@ -119,7 +119,7 @@ class ShineOptimizer(Optimizer):
         (:func:`plain_values`), then the options every optimizer has, then ``_check_group``."""
         plain_values(group)
         for key in ("cautious", "maximize"):
-            require(type(group[key]) is bool, f"Invalid {key}: {group[key]!r} (expected a bool)")
+            check_choice(key, group[key], (True, False))
         for key in ("foreach", "fused", "stochastic_rounding"):
             check_choice(key, group[key], (None, True, False))
         check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
@@ -231,10 +231,9 @@ class ShineOptimizer(Optimizer):
 
     def _load_copies(self, state_dict: dict[str, Any]) -> None:
         """:meth:`load_state_dict` after torch's: copies of the saved tensors, defaults, checks."""
-        saved = state_dict["state"]
+        name, saved = type(self).__name__, state_dict["state"]
         for index, group in enumerate(state_dict["param_groups"]):
             # torch.optim.AdamW's and Adam's option of another rule, whose state (max_exp_avg_sq) would go unread
-            name = type(self).__name__
             require(not group.get("amsgrad"), f"{name}.load_state_dict: parameter group #{index} was saved with "
                                               f"amsgrad=True, which {name} does not implement")
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -256,7 +255,7 @@ class ShineOptimizer(Optimizer):
             try:
                 self._validate(group)
             except ValueError as err:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: saved parameter group "
+                raise ValueError(f"{name}.load_state_dict: saved parameter group "
                                  f"#{number}: {err}") from None
             for p in group["params"]:
                 state = self.state.get(p)
@@ -264,14 +263,14 @@ class ShineOptimizer(Optimizer):
                     route = self._route(group, p)
                     needed = ("step", *engine.state_names(self._pipeline(group, route)[0]))
                     missing = [key for key in needed if key not in state]
-                    require(not missing, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
+                    require(not missing, f"{name}.load_state_dict: the saved state of parameter "
                                          f"#{index} (shape {tuple(p.shape)}) has no {', '.join(missing)}; it "
                                          f"holds {', '.join(sorted(state))}, saved by another optimizer?")
                     kept = {*needed, *self._KEPT_BETWEEN_CALLS}
                     foreign = sorted(key for key in state if key not in kept)
-                    require(not foreign, f"{type(self).__name__}.load_state_dict: the saved state of parameter "
+                    require(not foreign, f"{name}.load_state_dict: the saved state of parameter "
                                          f"#{index} (shape {tuple(p.shape)}) holds {', '.join(foreign)}, which "
-                                         f"{type(self).__name__} does not keep for it ({', '.join(sorted(kept))}); "
+                                         f"{name} does not keep for it ({', '.join(sorted(kept))}); "
                                          f"saved by another optimizer?")
                     self._check_state_shapes(group, route, p, state, index)
                 index += 1

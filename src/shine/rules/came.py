@@ -168,8 +168,8 @@ def came_factored(x, *state, **hyper):
     one shape go as one stack (:func:`_came_factored_stacked`, :data:`STACKED`): the element-wise
     passes between tensors of one shape are multi-tensor kernels over the stacks; the reductions,
     reshapes and broadcasting passes (a stack against its row or column statistics: torch's
-    multi-tensor kernels take those tensor by tensor) go stack by stack. On the CPU the whole step goes matrix by matrix, every pass over
-    a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
+    multi-tensor kernels take those tensor by tensor) go stack by stack. On the CPU the whole
+    step goes matrix by matrix, every pass over a matrix while its temporaries are in cache: measured on the 2-core CPU against whole groups
     of matrices in each kernel (pair-ratio medians, one process), the arena's tiny model took
     1.06-1.25 times as long in groups, GPT-2 small 0.99, and only tiny matrices (GPT-2 shapes of
     width 8) less (0.86-0.91). Shards (``across``) take the multi-tensor form everywhere: its sums
