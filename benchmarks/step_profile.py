@@ -9,8 +9,8 @@ kernel time (effective bandwidth while the kernels run). ``--per-tensor-form`` a
 row in the CPU's form (per-tensor kernels for caution's mask and CAME's passes), to weigh the
 GPU's multi-tensor form against it in one process; ``--launch-per-scale`` each cautious, MARS and
 CAME multi-tensor row as that form was before its per-tensor scales went to the host as numbers
-and CAME's matrices of one shape in stacks; ``--bucket-fused`` each fused row as one compiled call
-per bucket (``engine.BUCKET_FUSED_DEVICES``).
+and CAME's matrices of one shape in stacks; ``--single-fused`` each fused row with one tensor per
+compiled call (``engine.FUSED_GROUP_SIZE`` 1), as before groups.
 ``--host N`` also prints, per row, the N host-side operations that took the most self CPU time
 (where a host-bound step spends it); ``--kernels N`` the N kernels that took the most device time.
 ``--small-first`` first steps each optimizer on two small tensors, so that its compiled graphs are
@@ -38,23 +38,23 @@ from shine.rules import came  # noqa: E402
 @contextlib.contextmanager
 def variant(form: str):
     """``"per-tensor form"``: the multi-tensor path in the form the CPU takes (per-tensor kernels
-    for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"bucket"``: the
-    fused path as one compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``). ``"launch per
+    for caution's mask and CAME's passes; ``tensorlist.PER_TENSOR_DEVICES``). ``"single"``: the
+    fused path with one tensor per compiled call (``engine.FUSED_GROUP_SIZE`` 1). ``"launch per
     scale"``: the GPU form without its per-tensor scales as host numbers and CAME's stacks
     (``tensorlist.HOST_SCALARS``, ``rules.came.STACKED``, ``engine.FACTORED_GROUP_NUMEL`` 2^24), as
     it was before them. ``""``: as is."""
-    saved = (tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, tensorlist.HOST_SCALARS, came.STACKED,
+    saved = (tensorlist.PER_TENSOR_DEVICES, engine.FUSED_GROUP_SIZE, tensorlist.HOST_SCALARS, came.STACKED,
              engine.FACTORED_GROUP_NUMEL)
     if form == "per-tensor form":
         tensorlist.PER_TENSOR_DEVICES = saved[0] | {"cuda"}
-    elif form == "bucket":
-        engine.BUCKET_FUSED_DEVICES = saved[1] | {"cuda"}
+    elif form == "single":
+        engine.FUSED_GROUP_SIZE = 1
     elif form == "launch per scale":
         tensorlist.HOST_SCALARS, came.STACKED, engine.FACTORED_GROUP_NUMEL = False, False, 1 << 24
     try:
         yield
     finally:
-        (tensorlist.PER_TENSOR_DEVICES, engine.BUCKET_FUSED_DEVICES, tensorlist.HOST_SCALARS, came.STACKED,
+        (tensorlist.PER_TENSOR_DEVICES, engine.FUSED_GROUP_SIZE, tensorlist.HOST_SCALARS, came.STACKED,
          engine.FACTORED_GROUP_NUMEL) = saved
 
 
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--launch-per-scale", action="store_true",
                         help="also time the cautious, MARS and CAME foreach rows without per-tensor scales as host "
                              "numbers and CAME's stacks (the GPU form before them)")
-    parser.add_argument("--bucket-fused", action="store_true",
-                        help="also time each fused row as one compiled call per bucket")
+    parser.add_argument("--single-fused", action="store_true",
+                        help="also time each fused row with one tensor per compiled call")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py needs a CUDA device")
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
             scaled = "came" in name or "mars" in name or name.startswith("c-")
             if path == "foreach" and args.launch_per_scale and scaled:
                 rows.append((f"{name} (launch per scale)", path, "launch per scale", build))
-            if path == "fused" and args.bucket_fused:
-                rows.append((f"{name} (bucket)", path, "bucket", build))
+            if path == "fused" and args.single_fused:
+                rows.append((f"{name} (single)", path, "single", build))
     for label, path, form, build in rows:
         with variant(form):
             r = profile_step(build, params, host=args.host, top_kernels=args.kernels)

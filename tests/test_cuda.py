@@ -50,19 +50,12 @@ def test_eager_paths_match_reference(optimizer, step, hp, grad_scale, path):
     assert_fp32_state(opt)
 
 
-#: (case, one compiled call per bucket): every box per tensor; a few cases per bucket too.
-FUSED = ([(c, False) for c in CASES if c.id in FUSED_CASES]
-         + [(c, True) for c in CASES if c.id in ("adamw-cautious", "mars-adamw-cautious", "came-wd")])
-
-
-@pytest.mark.parametrize("case, bucket", FUSED, ids=[f"{c.id}{'-bucket' if b else ''}" for c, b in FUSED])
-def test_fused_matches_reference_and_never_recompiles(case, bucket, monkeypatch):
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in FUSED_CASES],
+                         ids=[c.id for c in CASES if c.id in FUSED_CASES])
+def test_fused_matches_reference_and_never_recompiles(case):
     """fused=True compiles Triton kernels that follow the reference while the lr changes every
-    step, and no step after the first compiles anything; per tensor, and with ``bucket`` as one
-    compiled call per bucket (``engine.BUCKET_FUSED_DEVICES``)."""
+    step, and no step after the first compiles anything."""
     optimizer, step, hp, grad_scale = case.values
-    if bucket:
-        monkeypatch.setattr(engine, "BUCKET_FUSED_DEVICES", frozenset({"cuda"}))
     torch._dynamo.reset()
     counters.clear()
     dtypes = DTYPES["mixed"]

@@ -17,6 +17,8 @@ import shine
 from shine import engine, tensorlist, validation
 from rules.support import bf16_spacing, generated_code
 
+pytestmark = pytest.mark.usefixtures("fused_in_pairs")  # groups of two (tests/conftest.py)
+
 # 0-d, 1-d, 2-d wide and tall, 4-d conv kernel.
 SHAPES = [(), (5,), (3, 7), (7, 3), (2, 3, 3, 3)]
 STEPS = 6
@@ -57,8 +59,10 @@ def drive(opt, params, grads, scheduler=None, on_step=None):
 
 
 def assert_close(actual, expected, dtype, what=""):
-    """fp32: within rounding; bf16: within one bf16 step of each element (the fp32 math before the
-    rounding to bf16 may differ in its last bits)."""
+    """fp32: within rounding; bf16: after step t, within t bf16 steps of each element (each step's
+    fp32 math before its rounding to bf16 may differ in its last bits, and an element rounded one
+    step apart enters the next step so: CAME's step 1 put one element one step apart, which was
+    two steps apart after step 5)."""
     for t, (a_t, e_t) in enumerate(zip(actual, expected)):
         for i, (a, e) in enumerate(zip(a_t, e_t)):
             where = f"{what} step {t + 1} param {i} {tuple(a.shape)}"
@@ -66,13 +70,15 @@ def assert_close(actual, expected, dtype, what=""):
                 torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
             else:
                 steps = (a - e).abs() / bf16_spacing(e)
-                assert steps.max() <= 1, f"{where}: up to {steps.max():.3g} bf16 steps apart"
+                assert steps.max() <= t + 1, f"{where}: up to {steps.max():.3g} bf16 steps apart"
 
 
 def assert_moved(trajectory, initial, dtype):
-    """Some element ends more than a few bf16 steps (fp32: many tolerances) from where it started,
-    so that a path that did not step could not pass :func:`assert_close`."""
-    moves = [((end - start.double()).abs() / (4 * bf16_spacing(end) if dtype == torch.bfloat16 else 1e-4)).max()
+    """Some element ends more bf16 steps from where it started than four times the most
+    :func:`assert_close` allows at the end (fp32: many tolerances), so that a path that did not
+    step could not pass it."""
+    spacing = 4 * len(trajectory) if dtype == torch.bfloat16 else None
+    moves = [((end - start.double()).abs() / (spacing * bf16_spacing(end) if spacing else 1e-4)).max()
              for end, start in zip(trajectory[-1], initial)]
     assert max(moves) > 1, f"the parameters hardly moved: {moves}"
 
@@ -146,7 +152,7 @@ def _failing_compiler(monkeypatch, probe_works: bool) -> list:
     the compiles tried (fn name, pipeline key)."""
     tried = []
 
-    def broken(fn, key, dynamic=True):
+    def broken(fn, key):
         def fail(*args):
             tried.append((fn.__name__, key))
             raise RuntimeError("no C++ compiler")
@@ -282,7 +288,7 @@ def test_caution_counts_before_the_step_when_the_rule_gives_the_sign(monkeypatch
 
 def _uncompiled_fused_path(monkeypatch):
     """The fused path's code run without compiling (the compiler traces the same code)."""
-    monkeypatch.setattr(engine, "_compiled", lambda fn, key, dynamic=True: fn)
+    monkeypatch.setattr(engine, "_compiled", lambda fn, key: fn)
     checked = []
     grads_finite = engine.grads_finite
 
@@ -420,10 +426,10 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
         foreach_sizes.append(sorted(p.numel() for p in params))
         return run_foreach(pipe, params, *args)
 
-    def fake_compile(fn, key, dynamic=True):
-        def step(pipe, p, *args):
-            compiled_sizes.append((fn.__name__, p.numel()))
-            return fn(pipe, p, *args)
+    def fake_compile(fn, key):
+        def step(pipe, tensors, *args):
+            compiled_sizes.append((fn.__name__, sorted(t.numel() for t in tensors if t.numel() != engine.FILLER_NUMEL)))
+            return fn(pipe, tensors, *args)
         return step
 
     monkeypatch.setattr(engine, "_run_foreach", spy_foreach)
@@ -431,10 +437,9 @@ def test_small_tensors_of_a_fused_bucket_take_the_multi_tensor_path(monkeypatch)
     params, grads = problem(torch.float32, steps=2)
     reference = [p.clone() for p in params]
     fused = drive(build("c-adamw", params, "fused"), params, grads)
-    # per step: a pre-pass and a step call for each tensor of 21 and 54 elements
+    # per step, in groups of two (tests/conftest.py): pre-passes, then steps, for the tensors of 21, 21 and 54 elements
     assert foreach_sizes == [[1, 5]] * 2
-    assert sorted(compiled_sizes) == sorted([(fn, n) for fn in ("fused_prepass", "fused_step")
-                                             for n in (21, 21, 54)] * 2)
+    assert compiled_sizes == [(fn, sizes) for fn in ("fused_prepass", "fused_step") for sizes in ([21, 21], [54])] * 2
     assert_close(fused, drive(build("c-adamw", reference, "per_tensor"), reference, grads), torch.float32)
 
 
@@ -555,3 +560,81 @@ def test_stochastic_rounding_with_vector_bit_casts_gives_the_element_wise_casts_
     assert changed[1].dtype == torch.bfloat16
     for a, e in zip(changed, plain):
         assert torch.equal(a, e)
+
+
+def _group_calls(monkeypatch) -> list:
+    """Records each compiled call of the fused path: (function name, members, group size)."""
+    calls = []
+    call = engine._call_compiled
+
+    def spy(fn, key, pipe, tensors, *args, **kwargs):
+        members = [len(t) for t in tensors if t.numel() != engine.FILLER_NUMEL]
+        calls.append((fn.__name__, members, len(tensors)))
+        return call(fn, key, pipe, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_call_compiled", spy)
+    return calls
+
+
+@needs_compiler
+def test_groups_of_tensors_share_one_graph(monkeypatch):
+    """A shape-free rule's tensors are stepped ``FUSED_GROUP_SIZE`` per compiled call, a short last
+    group padded with scratch tensors: one graph serves every group, whatever the sizes in it (two
+    equal ones too, which duck sizing would have made a guard), nothing compiles after the first
+    step while the lr changes, and the numbers are the per-tensor reference's."""
+    monkeypatch.setattr(engine, "FUSED_GROUP_SIZE", 3)
+    torch._dynamo.reset()
+    counters.clear()
+    calls = _group_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    sizes = [64, 64, 45, 64, 30, 49, 66]
+    params0 = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(3)]
+    graphs = []
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = build("adamw", params, "fused")
+    fused = drive(opt, params, grads, lr_schedule(opt), on_step=lambda t: graphs.append(counters["stats"]["unique_graphs"]))
+    reference = [p.clone().requires_grad_() for p in params0]
+    opt = build("adamw", reference, "per_tensor")
+    assert_close(fused, drive(opt, reference, grads, lr_schedule(opt)), torch.float32, "adamw in groups")
+    assert calls == [("fused_step", [64, 64, 45], 3), ("fused_step", [64, 30, 49], 3), ("fused_step", [66], 3)] * 3
+    assert graphs == [1, 1, 1], graphs
+
+
+def test_tensors_that_share_memory_go_to_different_groups(monkeypatch):
+    """Views of one buffer never share a compiled call (a graph compiles for the aliasing of its
+    inputs, and one input's update could change what another reads); their steps are the
+    reference's."""
+    _uncompiled_fused_path(monkeypatch)
+    calls = _group_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(120, generator=gen)
+    grads = [[torch.randn(40, generator=gen) for _ in range(4)] for _ in range(2)]
+    runs = []
+    for path in ("fused", "per_tensor"):
+        buffer = flat.clone()
+        params = [torch.nn.Parameter(buffer[i * 40:(i + 1) * 40]) for i in range(3)] + [torch.nn.Parameter(flat[:40] * 2)]
+        assert params[1].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        runs.append(drive(build("c-adamw", params, path), params, grads))
+    assert_close(*runs, torch.float32, "views of one buffer")
+    assert [c[1] for c in calls if c[0] == "fused_step"] == [[40], [40], [40, 40]] * 2
+
+
+@needs_compiler
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_tensors_of_every_rank_share_one_graph(monkeypatch, group_size):
+    """A shape-free rule's tensors go in as 1-D tensors that view nothing: dynamo guards a view on
+    the size of the tensor it views, which compiled AdamW three graphs for a vector, a matrix and a
+    conv kernel, one tensor per call, where one serves them all."""
+    monkeypatch.setattr(engine, "FUSED_GROUP_SIZE", group_size)
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(9000,), (100, 90), (10, 9, 10, 10), (50, 60)]
+    params0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    params = [p.clone().requires_grad_() for p in params0]
+    fused = drive(build("adamw", params, "fused", nonfinite="ignore"), params, grads)
+    assert counters["stats"]["unique_graphs"] == 1
+    reference = [p.clone().requires_grad_() for p in params0]
+    assert_close(fused, drive(build("adamw", reference, "per_tensor"), reference, grads), torch.float32, "ranks")

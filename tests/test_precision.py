@@ -7,6 +7,8 @@ from shine import engine
 from shine.bench import gpt2_shapes
 from rules.support import bf16_spacing
 
+pytestmark = pytest.mark.usefixtures("fused_in_pairs")  # groups of two (tests/conftest.py)
+
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_stochastic_round_is_unbiased_and_lands_on_neighbours(compiled):

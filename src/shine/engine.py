@@ -10,8 +10,8 @@ boxes are composed, and every path calls it:
 - ``"per_tensor"``: a Python loop, one tensor at a time (the reference);
 - ``"foreach"``: once, on :class:`TensorList` s (multi-tensor kernels);
 - ``"fused"``: the per-tensor loop traced by ``torch.compile`` into fused kernels,
-  with the float hyperparameters packed in one float64 tensor so that a scheduler
-  never triggers a recompile. This module is the only one that calls
+  a group of tensors per call, with the float hyperparameters packed in one float64
+  tensor so that a scheduler never triggers a recompile. This module is the only one that calls
   ``torch.compile``; the rules ask ``torch.compiler.is_compiling()`` only where a
   formula's compiled form differs from its eager one.
 
@@ -267,46 +267,45 @@ def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[
     """Run the read-only pre-pass (:func:`pipeline_prepass`) of a fused bucket, before any tensor
     of any bucket is stepped, so that it doubles as the non-finite check of the gradients it
     reads; ``None`` where there is none (other paths, pipelines without one, devices not in
-    :data:`PREPASS_CHECK_DEVICES` or in :data:`BUCKET_FUSED_DEVICES`: there the step computes
-    it in its own graph). The result goes
-    to :func:`run_bucket`, which then reuses its arguments instead of building them again.
+    :data:`PREPASS_CHECK_DEVICES`: there the step computes it in its own graph). The result goes
+    to :func:`run_bucket`, which then reuses its groups instead of building them again.
     """
-    device = params[0].device.type
     if (path != "fused" or not pipe.prepass or not _fusable(pipe, params[0].device)
-            or device not in PREPASS_CHECK_DEVICES or device in BUCKET_FUSED_DEVICES):
+            or params[0].device.type not in PREPASS_CHECK_DEVICES):
         return None
     hyper = _with_scalars(pipe, hyper)
     packed = _packed(hyper, params[0].device)
     upcast = _dtype_of(params[0]) in LOW_PRECISION
     calls, probes = [], []
-    for p, g, s in zip(params, grads, states):
-        if p.numel() < FUSED_MIN_TENSOR_NUMEL:
-            continue
-        args = _fused_args(pipe, p, g, s)
+    _, (params, grads, states) = _large(params, grads, states)
+    for group in _fused_groups(pipe, params, grads, states):
         try:
-            results = _call_compiled(fused_prepass, args.key, pipe, args.g, args.state, *packed, upcast)
+            results = _call_compiled(fused_prepass, group.key, pipe, group.grads, group.states, *packed, upcast,
+                                     group_size=len(group.params))
         except _CompileFailed:
             return None
-        probes.append((g, results.pop("probe")))
-        calls.append((args, results))
+        probes += [(grads[i], r.pop("probe")) for i, r in zip(group.members, results)]
+        for r in results[len(group.members):]:
+            del r["probe"]
+        calls.append((group, results))
     return PreparedBucket(packed, calls, probes)
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedBucket:
     """What :func:`prepare_bucket` computed for a fused bucket: the packed hyperparameters; for
-    each tensor that compiles (in order), its compiled-step arguments and pre-pass results; and
-    ``probes``, ``(gradient, probe)`` pairs, each probe a 0-d tensor that is finite exactly when
-    that gradient is (see :func:`pipeline_prepass`)."""
+    each group of tensors that compiles (:func:`_fused_groups`, in order), the group and its
+    pre-pass results; and ``probes``, ``(gradient, probe)`` pairs, each probe a 0-d tensor that
+    is finite exactly when that gradient is (see :func:`pipeline_prepass`)."""
 
     packed: tuple[Tensor, tuple[str, ...], dict[str, Any]]
-    calls: list[tuple[FusedArgs, dict[str, Any]]]
+    calls: list[tuple[FusedGroup, list[dict[str, Any]]]]
     probes: list[tuple[Tensor, Tensor]]
 
 
 #: Devices on which a fused bucket's pre-pass runs as a compiled call of its own, before any step,
 #: and serves as the non-finite check. That trades one read of every gradient (the check) for a
-#: second compiled call per tensor (tens of microseconds of host time on the 2-core CPU): a gain where
+#: second compiled call per group (tens of microseconds of host time on the 2-core CPU): a gain where
 #: memory bandwidth bounds the step (CPU). On CUDA the host time of the calls already exceeds the
 #: kernels' for GPT-2-sized models (an H200, GPT-2 small: fused AdamW 12.1 ms of wall time for 1.2 ms
 #: of kernels), so the pre-pass stays inside the step's graph there.
@@ -323,7 +322,8 @@ def _with_scalars(pipe: Pipeline, hyper: dict[str, Any]) -> dict[str, Any]:
 #: with a warm on-disk cache) and saves a few ns per element and step, so only large buckets
 #: repay it within a run; small models and the unit tests stay on the multi-tensor path.
 #: Devices not listed are never fused automatically. CUDA is not listed: on an H200 (GPT-2 small,
-#: torch 2.11) the fused path's one compiled call per tensor made the step host-bound (AdamW
+#: torch 2.11) the fused path's one compiled call per tensor (before :data:`FUSED_GROUP_SIZE`;
+#: groups have not run on a GPU yet) made the step host-bound (AdamW
 #: 11.8 ms of wall time for 1.2 ms of kernels), and the multi-tensor path was the faster one for
 #: every rule but MARS-Shampoo: AdamW 2.60 against 4.23 times torch's fused AdamW, Lion 2.29 /
 #: 4.56, MARS-AdamW 3.39 / 6.99, CAME 15.3 / 19.0; C-AdamW 3.96 / 186 before its count of kept
@@ -335,7 +335,7 @@ AUTO_FUSE_MIN_NUMEL: dict[str, int] = {"cpu": 4_000_000}
 SLOWER_FUSED: dict[str, str] = {
     "cuda": "shine: fused=True on CUDA measured slower than the multi-tensor path that fused=None takes "
             "(H200, GPT-2 small: AdamW 4.2 against 2.6 times torch's fused AdamW; one compiled call per "
-            "tensor costs more host time than its kernels take); see benchmarks/README.md"}
+            "tensor cost more host time than its kernels take); see benchmarks/README.md"}
 
 
 def choose_path(fused: bool | None, foreach: bool | None, device: torch.device, numel: int) -> str:
@@ -479,65 +479,118 @@ _BROKEN: set[Pipeline] = set()
 FUSED_MIN_TENSOR_NUMEL = 8192
 
 
-#: Devices on which a fused bucket is one compiled call for all its tensors
-#: (:func:`fused_bucket_step`: static shapes, one graph per bucket layout) instead of one call
-#: per tensor (:func:`fused_step`: dynamic shapes, one graph per pipeline serves every size).
-#: Per-tensor calls cost host time per tensor, which made the fused CUDA step host-bound on an
-#: H200 (GPT-2 small, AdamW: 12.1 ms of wall time for 1.2 ms of kernels); a bucket's graph costs
-#: one call, but compiles for longer, and again for another bucket layout. Measured on the 2-core
-#: CPU (pair-ratio medians, one process): where host time bounds the step, the arena's tiny model
-#: (0.6M parameters in 40 tensors), one call per bucket took 0.59-0.74 of the time of per-tensor
-#: calls (AdamW, C-AdamW, CAME) and 0.47-0.66 of the multi-tensor path's; on GPT-2 small, which
-#: memory bandwidth bounds there, 1.03, after a first step of 51 s (per-tensor calls: 3.7 s).
-#: So not on the CPU. On an H200 (GPT-2 small, AdamW), one call per bucket took 8.3 ms of wall
-#: time against 11.8 ms for per-tensor calls, but the multi-tensor path 4.3 ms: not on CUDA
-#: either (``benchmarks/step_profile.py --bucket-fused`` puts it beside the per-tensor calls).
-BUCKET_FUSED_DEVICES: frozenset[str] = frozenset()
-
-
 def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedBucket | None = None) -> None:
-    """One compiled call per tensor, of :func:`fused_step`, traced with dynamic shapes, so one
-    graph per (pipeline, device, dtypes, rank) serves every tensor size; tensors under
-    :data:`FUSED_MIN_TENSOR_NUMEL` elements take the multi-tensor path (the same math), and so
-    never cost a graph of their own (sizes 0 and 1 would each be specialised). On
-    :data:`BUCKET_FUSED_DEVICES`, one call for the whole bucket instead. The float
-    hyperparameters (lr, betas, step, ...) enter as one float64 tensor, so a scheduler changing lr
-    or the step count never recompiles. ``prepared``: :func:`prepare_bucket`'s result for the bucket."""
+    """The bucket's tensors in groups (:func:`_fused_groups`), one compiled call of
+    :func:`fused_step` per group, traced with dynamic shapes, so one graph per (pipeline, device,
+    dtypes, rank) serves every group; tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements take
+    the multi-tensor path (the same math), and so never cost a graph of their own (sizes 0 and 1
+    would each be specialised). The float hyperparameters (lr, betas, step, ...) enter as one
+    float64 tensor, so a scheduler changing lr or the step count never recompiles. ``prepared``:
+    :func:`prepare_bucket`'s result for the bucket."""
     if not _fusable(pipe, params[0].device):
         return _run_foreach(pipe, params, grads, states, hyper)
-    if params[0].device.type in BUCKET_FUSED_DEVICES:
-        return _run_fused_bucket(pipe, params, grads, states, hyper)
-    small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
-    if any(small):
-        _run_foreach(pipe, *(_where(small, seq, True) for seq in (params, grads, states)), hyper)
-        params, grads, states = (_where(small, seq, False) for seq in (params, grads, states))
-        if not params:
-            return
+    small, (params, grads, states) = _large(params, grads, states)
+    if small[0]:
+        _run_foreach(pipe, *small, hyper)
+    if not params:
+        return
     if prepared is None:
         packed = _packed(hyper, params[0].device)
-        calls = [(_fused_args(pipe, p, g, s), None) for p, g, s in zip(params, grads, states)]
+        calls = [(group, None) for group in _fused_groups(pipe, params, grads, states)]
     else:
         packed, calls = prepared.packed, prepared.calls
-    for i, (args, results) in enumerate(calls):
+    for i, (group, results) in enumerate(calls):
         try:
-            _call_compiled(fused_step, args.key, pipe, *args[:3], *packed, results,
-                           bit_casts=hyper.get("stochastic_rounding", False))
+            _call_compiled(fused_step, group.key, pipe, group.params, group.grads, group.states, *packed, results,
+                           bit_casts=hyper.get("stochastic_rounding", False), group_size=len(group.params))
         except _CompileFailed:
-            return _run_foreach(pipe, params[i:], grads[i:], states[i:], hyper)
+            rest = sorted(j for later, _ in calls[i:] for j in later.members)
+            return _run_foreach(pipe, *([seq[j] for j in rest] for seq in (params, grads, states)), hyper)
 
 
-def _run_fused_bucket(pipe: Pipeline, params, grads, states, hyper) -> None:
-    """:func:`fused_bucket_step` for the whole bucket, compiled for its tensors' shapes and dtypes."""
-    states = [{n: s[n] for n in state_names(pipe)} for s in states]
-    key = (pipe, params[0].device.type, "bucket",
-           tuple((tuple(p.shape), p.dtype, g.dtype, tuple(t.dtype for t in s.values()))
-                 for p, g, s in zip(params, grads, states)))
-    try:
-        _call_compiled(fused_bucket_step, key, pipe, [p.detach() for p in params], grads, states,
-                       *_packed(hyper, params[0].device), bit_casts=hyper.get("stochastic_rounding", False),
-                       dynamic=False)
-    except _CompileFailed:
-        _run_foreach(pipe, params, grads, states, hyper)
+def _large(params: list, grads: list, states: list) -> tuple[tuple[list, list, list], tuple[list, list, list]]:
+    """The bucket split into the tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements and the rest."""
+    small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
+    return ((_where(small, params, True), _where(small, grads, True), _where(small, states, True)),
+            (_where(small, params, False), _where(small, grads, False), _where(small, states, False)))
+
+
+#: The fused path steps the tensors of a shape-free rule (:data:`_SHAPE_FREE`: AdamW, Lion, MARS
+#: on them, caution, unfactored CAME) this many per compiled call; the others one by one. A call
+#: costs host time whatever its tensors' sizes (guards, wrappers), and after a large tensor's
+#: kernel has streamed through the caches, that host code runs from memory: in a GPT-2 small step
+#: on the 2-core CPU, 280 us per call (``Optimizer.step``'s own time over 50 calls, profiled),
+#: against 50 us for a call between small tensors. A group's kernels also share one parallel
+#: region. Measured there, GPT-2 small, fp32, one process, 25 alternating steps, step time of
+#: groups of 8 over single calls (pair-ratio medians): AdamW 0.94 (``nonfinite="ignore"``) and
+#: 0.96, Lion 0.96, C-AdamW 0.98; 16 gained no more (0.93) and compiled a graph of twice the size.
+FUSED_GROUP_SIZE = 8
+
+
+class FusedGroup(NamedTuple):
+    """The arguments of one compiled call: parameters, gradients and states as the compiled step
+    takes them (:func:`_fused_args`), padded to the group size with scratch tensors
+    (:func:`_fillers`), so every group of a graph key has the same structure; ``members``: the
+    bucket's positions of the real ones; ``key``: the graph's key, with the group size."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Tensor]]
+    members: list[int]
+    key: tuple
+
+
+def _fused_groups(pipe: Pipeline, params: list, grads: list, states: list) -> list[FusedGroup]:
+    """The bucket's compiled calls: tensors of one graph key in groups of up to
+    :data:`FUSED_GROUP_SIZE` (of 1 for rules that read the shape), in bucket order. Tensors that
+    share memory (views of one buffer) go to different groups: a graph whose inputs alias
+    compiles for that aliasing, and updates through one input could change what another reads.
+    A short group is filled up with scratch tensors, whose updates nothing reads."""
+    size = FUSED_GROUP_SIZE if pipe.precondition in _SHAPE_FREE else 1
+    open_groups: dict[tuple, tuple[list[int], list[FusedArgs], set[int]]] = {}
+    groups = []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        args = _fused_args(pipe, p, g, s)
+        memory = {t.untyped_storage().data_ptr() for t in (args.p, args.g, *args.state.values())}
+        members, items, used = open_groups.get(args.key) or ([], [], set())
+        if len(items) == size or used & memory:
+            members, items, used = [], [], set()
+        if not items:
+            open_groups[args.key] = (members, items, used)
+            groups.append((members, items))
+        members.append(i)
+        items.append(args)
+        used |= memory
+    return [_grouped(members, items + _fillers(items[0], size - len(items)), size) for members, items in groups]
+
+
+def _grouped(members: list[int], items: list[FusedArgs], size: int) -> FusedGroup:
+    return FusedGroup([a.p for a in items], [a.g for a in items], [a.state for a in items], members,
+                      items[0].key + (size,))
+
+
+def _fillers(like: FusedArgs, count: int) -> list[FusedArgs]:
+    """``count`` sets of scratch tensors that pad a group of ``like``'s key: zeros of
+    :data:`FILLER_NUMEL` elements in ``like``'s rank, dtypes and device (a shape-free rule's state
+    has the parameter's shape), kept for later steps."""
+    if count == 0:
+        return []
+    kept = _FILLERS.setdefault((like.key, like.p.device), [])
+    shape = (2,) * (like.p.ndim - 1) + (FILLER_NUMEL >> (like.p.ndim - 1),)
+    while len(kept) < count:
+        def zeros(t: Tensor) -> Tensor:
+            return torch.zeros(shape, dtype=t.dtype, device=t.device)
+        kept.append(FusedArgs(zeros(like.p), zeros(like.g), {n: zeros(t) for n, t in like.state.items()}, like.key))
+    return kept[:count]
+
+
+_FILLERS: dict[tuple, list[FusedArgs]] = {}
+
+#: The size of a group's scratch tensors. Where a filler's size is the one a graph is compiled
+#: with, inductor plans that loop for it: with 2 elements, bf16 kernels were vectorised by float's
+#: width (16 lanes), not bf16's (32), and loops compiled for a size are reused for every other.
+#: As large as the smallest tensor the fused path takes (:data:`FUSED_MIN_TENSOR_NUMEL`), and cheap.
+FILLER_NUMEL = 8192
 
 
 def _fusable(pipe: Pipeline, device: torch.device) -> bool:
@@ -572,14 +625,17 @@ class FusedArgs(NamedTuple):
 
 def _fused_args(pipe: Pipeline, p: Tensor, g: Tensor, s: dict[str, Any]) -> FusedArgs:
     """The compiled step's arguments for one tensor: 1-D views for the shape-free preconditioners.
-    The parameter goes in detached (its storage, without its autograd attributes): the compiler
-    copies a parameter's ``.grad`` into its stand-in, which fails where ``p.grad_dtype`` lets the
-    gradient's dtype differ from the parameter's (fp32 gradients of bf16 weights)."""
-    state = {n: s[n] for n in state_names(pipe)}
-    p = p.detach()
-    if (pipe.precondition in _SHAPE_FREE and p.is_contiguous() and g.is_contiguous()
-            and all(t.is_contiguous() for t in state.values())):
-        p, g, state = p.view(-1), g.view(-1), {n: t.view(-1) for n, t in state.items()}
+    Each goes in detached, its storage without its autograd attributes: the compiler copies a
+    parameter's ``.grad`` into its stand-in, which fails where ``p.grad_dtype`` lets the gradient's
+    dtype differ from the parameter's (fp32 gradients of bf16 weights); and it guards a view on
+    the size of the tensor it views (``_base``), which would compile the graph again for each rank
+    of that tensor (a bias, a matrix, a conv kernel), and for views (the gradients in DDP's buckets)
+    against tensors that are none (a group's scratch tensors)."""
+    tensors = [p, g, *(s[n] for n in state_names(pipe))]
+    if pipe.precondition in _SHAPE_FREE and all(t.is_contiguous() for t in tensors):
+        tensors = [t.view(-1) for t in tensors]
+    p, g, *rest = (t.detach() for t in tensors)
+    state = dict(zip(state_names(pipe), rest))
     return FusedArgs(p, g, state, (pipe, p.device.type, p.ndim, p.dtype, g.dtype,
                                    tuple(t.dtype for t in state.values())))
 
@@ -588,7 +644,7 @@ class _CompileFailed(Exception):
     """Compiling a pipeline's step failed (nothing was written): it now takes the multi-tensor path."""
 
 
-def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False, dynamic: bool = True) -> Any:
+def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False, group_size: int = 1) -> Any:
     """``_compiled(fn, key)(*args)``, compiled (where it compiles) under :func:`_cpu_codegen`
     (``bit_casts``: the step bit-casts floats, as stochastic rounding does). A failure of the first
     call of a key is a compile failure,
@@ -596,12 +652,12 @@ def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False
     key's device (``key[1]``; :func:`compiler_available`, probed only now), the key's pipeline
     (``key[0]``) takes the multi-tensor path from then on; where it does not, every pipeline on
     that device does."""
-    compiled = _compiled(fn, key, dynamic)
+    compiled = _compiled(fn, key)
     out = _call_cached(compiled, args)
     if out is not _MISS:
         return out
     try:
-        with _cpu_codegen(bit_casts):
+        with _cpu_codegen(bit_casts), _sizes_apart(group_size):
             out = compiled(*args)
     except Exception as err:  # compiling failed (before any tensor of this call was touched)
         if (fn, key) in _COMPILED_OK:
@@ -621,11 +677,22 @@ def _call_compiled(fn: Callable, key: tuple, *args: Any, bit_casts: bool = False
 _MISS = object()
 
 
+def _sizes_apart(group_size: int):
+    """While a fused step of ``group_size`` tensors compiles, a symbol for each size, even where two
+    inputs' sizes are equal. By default (duck sizing) equal sizes share one symbol, and the graph
+    is guarded on their equality: a group of two 768x768 matrices would then compile again for a
+    768x768 and a 768x3072. The sizes within a tensor's own step still unify, through the shapes
+    it combines. A single tensor's graph compiles as before."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False) if group_size > 1 else contextlib.nullcontext()
+
+
 def _call_cached(compiled: Callable, args: tuple) -> Any:
     """Run ``compiled(*args)`` through the graph dynamo already compiled for such arguments, as
     dynamo itself would (the first cached graph whose guards pass), minus dynamo's frame
     handling, which cost 12-35 us per call on the 2-core CPU (a call of a small tensor's step:
-    30 us through dynamo, 16 us here), paid once per tensor and step. :data:`_MISS` when no
+    30 us through dynamo, 16 us here), paid once per group and step. :data:`_MISS` when no
     cached graph fits (dynamo then compiles one), under an enclosing ``torch.compile``, under a
     stance other than the default (``force_eager``, ...), or where this torch lacks the cache
     API (the plain call does the same work, slower).
@@ -667,30 +734,25 @@ def _where(mask: list[bool], items: list, keep: bool) -> list:
     return [item for item, m in zip(items, mask) if m == keep]
 
 
-def fused_step(pipe: Pipeline, p, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
-               flags: dict[str, Any], prepared: dict[str, Any] | None) -> None:
-    """What the fused path compiles for one tensor: ``pipeline_step``, after its pre-pass (one
-    graph, one call) unless :func:`prepare_bucket` ran that already (``prepared``). The float
-    hyperparameters come packed in one tensor (named by ``floats``): one graph input, and one
-    guard, instead of one per value."""
+def fused_step(pipe: Pipeline, params: list, grads: list, states: list[dict[str, Any]], packed: Tensor,
+               floats: tuple[str, ...], flags: dict[str, Any], prepared: list[dict[str, Any]] | None) -> None:
+    """What the fused path compiles for a group of tensors: ``pipeline_step`` for each, after its
+    pre-pass (one graph, one call) unless :func:`prepare_bucket` ran those already (``prepared``,
+    one dict per tensor). The float hyperparameters come packed in one tensor (named by
+    ``floats``): one graph input, and one guard, instead of one per value."""
     hyper = _unpacked(packed, floats, flags)
-    if prepared is None and pipe.prepass:
-        prepared = pipeline_prepass(pipe, g, state, hyper, _dtype_of(p) in LOW_PRECISION)
-    pipeline_step(pipe, p, g, state, hyper, prepared)
+    for i, (p, g, state) in enumerate(zip(params, grads, states)):
+        ready = prepared[i] if prepared is not None else None
+        if ready is None and pipe.prepass:
+            ready = pipeline_prepass(pipe, g, state, hyper, _dtype_of(p) in LOW_PRECISION)
+        pipeline_step(pipe, p, g, state, hyper, ready)
 
 
-def fused_bucket_step(pipe: Pipeline, params: list, grads: list, states: list[dict[str, Any]], packed: Tensor,
-                      floats: tuple[str, ...], flags: dict[str, Any]) -> None:
-    """What the fused path compiles for a whole bucket on :data:`BUCKET_FUSED_DEVICES`:
-    :func:`fused_step` for each tensor, unrolled into one graph."""
-    for p, g, state in zip(params, grads, states):
-        fused_step(pipe, p, g, state, packed, floats, flags, None)
-
-
-def fused_prepass(pipe: Pipeline, g, state: dict[str, Any], packed: Tensor, floats: tuple[str, ...],
-                  flags: dict[str, Any], upcast: bool) -> dict[str, Any]:
-    """What the fused path compiles for one tensor's pre-pass: :func:`pipeline_prepass`."""
-    return pipeline_prepass(pipe, g, state, _unpacked(packed, floats, flags), upcast)
+def fused_prepass(pipe: Pipeline, grads: list, states: list[dict[str, Any]], packed: Tensor,
+                  floats: tuple[str, ...], flags: dict[str, Any], upcast: bool) -> list[dict[str, Any]]:
+    """What the fused path compiles for a group's pre-passes: :func:`pipeline_prepass` for each tensor."""
+    hyper = _unpacked(packed, floats, flags)
+    return [pipeline_prepass(pipe, g, state, hyper, upcast) for g, state in zip(grads, states)]
 
 
 def _unpacked(packed: Tensor, floats: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any]:
@@ -812,11 +874,11 @@ def _only_moves(body) -> bool:
 
 
 @functools.cache
-def _compiled(fn: Callable, key: tuple, dynamic: bool = True) -> Callable:
+def _compiled(fn: Callable, key: tuple) -> Callable:
     """The compiled ``fn`` (:func:`fused_step`) for one (pipeline, rank, dtypes) key. Dynamo keeps
     one cache (and recompile limit) per code object, so each key gets its own copy of the code."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"_fused_{fn.__name__}")
-    return torch.compile(copy, dynamic=dynamic, options={**INDUCTOR_OPTIONS, **_cache_marker()})
+    return torch.compile(copy, dynamic=True, options={**INDUCTOR_OPTIONS, **_cache_marker()})
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from torch import nn
 import shine
 
 shine.engine.FUSED_MIN_TENSOR_NUMEL = 2  # the shapes here are tiny: the fused cases compile them all
+shine.engine.FUSED_GROUP_SIZE = 2  # groups of two, a short one filled up (eight compile for longer)
 STEPS = 5
 BATCH = 12          # divisible by 1, 2, 3, 4 ranks: every rank gets an equal slice
 LR = {"adamw": 1e-2, "lion": 3e-3, "mars-adamw": 1e-2, "mars-lion": 3e-3, "mars-shampoo": 2e-2, "came": 1e-2,
