@@ -68,3 +68,27 @@ def test_reports_without_matplotlib_skip_only_the_figure(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["summary"][2]["val_loss_mean"] is None
     assert "| came | 0.001 | diverged |" in (tmp_path / "results.md").read_text()
     assert any("matplotlib" in n for n in report.missing_extras_notices())
+
+
+def test_a_best_lr_at_the_edge_of_its_grid_is_pointed_out(tmp_path):
+    """The optimum may lie beyond the grid when the best lr is its lowest or highest: the summary
+    says which end, and a notice names the lr beyond it to add (in the grid's own ratio); a best lr
+    inside the grid, a grid of one lr and a grid that diverged everywhere get none."""
+    records = RECORDS + [
+        record("lion", 3e-4, 0, 2.1), record("lion", 1e-3, 0, 2.3),  # best 1e-4: the lowest
+        record("mars", 1e-3, 0, 2.0), record("mars", 2e-3, 0, 1.8), record("mars", 4e-3, 0, 1.9),  # inside
+        record("sgd", 1e-3, 0, None), record("sgd", 1e-2, 0, None),  # diverged everywhere
+    ]  # fmt: skip
+    rows = {r["optimizer"]: r for r in report.summarize(records, ["adamw", "lion", "came", "mars", "sgd"])}
+    assert {name: r["best_lr_at_edge"] for name, r in rows.items()} == {
+        "adamw": "highest", "lion": "lowest", "came": None, "mars": None, "sgd": None}
+    notices = report.edge_notices(list(rows.values()))
+    assert notices == [
+        "adamw: its best lr 0.003 is the highest of the 2 tried, so a higher one may do better; "
+        "try adding 0.009 (--lr adamw=0.001,0.003,0.009)",
+        "lion: its best lr 0.0001 is the lowest of the 3 tried, so a lower one may do better; "
+        "try adding 3.33e-05 (--lr lion=3.33e-05,0.0001,0.0003,0.001)",
+    ]
+    header = {"task": {"data": "x", "model": "nano", "steps": 20, "batch_size": 2, "seq_len": 8, "device": "cpu"}}
+    report.write_reports(tmp_path, header, records, list(rows.values()))
+    assert f"- {notices[1]}" in (tmp_path / "results.md").read_text()

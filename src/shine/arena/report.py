@@ -124,6 +124,7 @@ def summarize(records: Sequence[dict[str, Any]], names: Sequence[str], baseline:
                 "state_mb": max(r["state_mb"] for r in best_runs),
                 "val_curve": _mean_curve([r["val_curve"] for r in best_runs]),
                 "lr_grid": grid,
+                "best_lr_at_edge": _edge(grid, best),
             }
         )
     rows.sort(key=lambda row: row["val_loss_mean"])
@@ -133,6 +134,31 @@ def summarize(records: Sequence[dict[str, Any]], names: Sequence[str], baseline:
         row["delta_vs_best"] = row["val_loss_mean"] - rows[0]["val_loss_mean"]
         row["tie_with_best"] = row["delta_vs_best"] < 2 * max(row["val_loss_std"], rows[0]["val_loss_std"])
     return rows
+
+
+def _edge(grid: Sequence[dict[str, Any]], best: dict[str, Any]) -> str | None:
+    """``"lowest"`` or ``"highest"`` where the best of a grid of several lrs is at that end of it
+    (its optimum may then lie beyond), else ``None``; a grid that diverged everywhere has no best."""
+    if len(grid) < 2 or not math.isfinite(best["val_loss_mean"]):
+        return None
+    return "lowest" if best is grid[0] else "highest" if best is grid[-1] else None
+
+
+def edge_notices(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line for each optimizer whose best lr is the lowest or highest of its grid, naming the next
+    lr beyond it (the grid's own ratio between its last two lrs) to add with ``--lr``."""
+    notices = []
+    for r in rows:
+        edge = r.get("best_lr_at_edge")
+        if edge is None:
+            continue
+        lrs = [g["lr"] for g in r["lr_grid"]]
+        end, inner = (lrs[0], lrs[1]) if edge == "lowest" else (lrs[-1], lrs[-2])
+        beyond = float(f"{end * end / inner:.3g}")
+        notices.append(f"{r['optimizer']}: its best lr {end:.6g} is the {edge} of the {len(lrs)} tried, so a "
+                       f"{'lower' if edge == 'lowest' else 'higher'} one may do better; try adding {beyond:.6g} "
+                       f"(--lr {r['optimizer']}={','.join(f'{lr:.6g}' for lr in sorted([*lrs, beyond]))})")
+    return notices
 
 
 def _loss(mean: float, std: float, seeds: int) -> str:
@@ -215,6 +241,8 @@ def write_reports(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
         + ("" if header.get("complete", True) else
            f"**Partial**: interrupted after {len(records)} finished run(s); `--resume` runs the rest.\n\n")
         + f"{markdown_table(rows)}\n\n## Learning rates tried\n\n{markdown_lr_grid(rows)}\n"
+        + "".join(f"\n- {notice}" for notice in edge_notices(rows))
+        + ("\n" if edge_notices(rows) else "")
     )
     written = [json_path, md_path]
     png = plot_curves(out_dir / REPORTS[2], records, rows)
