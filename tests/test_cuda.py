@@ -50,11 +50,13 @@ def test_eager_paths_match_reference(optimizer, step, hp, grad_scale, path):
     assert_fp32_state(opt)
 
 
+@pytest.mark.usefixtures("fused_in_pairs")
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in FUSED_CASES],
                          ids=[c.id for c in CASES if c.id in FUSED_CASES])
 def test_fused_matches_reference_and_never_recompiles(case):
     """fused=True compiles Triton kernels that follow the reference while the lr changes every
-    step, and no step after the first compiles anything."""
+    step, and no step after the first compiles anything; two tensors per call, a short group
+    filled up with scratch tensors."""
     optimizer, step, hp, grad_scale = case.values
     torch._dynamo.reset()
     counters.clear()

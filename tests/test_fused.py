@@ -601,23 +601,33 @@ def test_groups_of_tensors_share_one_graph(monkeypatch):
     assert graphs == [1, 1, 1], graphs
 
 
-def test_tensors_that_share_memory_go_to_different_groups(monkeypatch):
-    """Views of one buffer never share a compiled call (a graph compiles for the aliasing of its
-    inputs, and one input's update could change what another reads); their steps are the
-    reference's."""
+def test_tensors_whose_memory_overlaps_go_to_different_groups(monkeypatch):
+    """Views of disjoint parts of one buffer (flat parameters, DDP's gradient buckets) share groups;
+    tensors whose memory overlaps never share a compiled call (one's update could change what
+    another reads, and dynamo guards on which inputs overlap). Their steps are the reference's."""
     _uncompiled_fused_path(monkeypatch)
-    calls = _group_calls(monkeypatch)
+    grouped = []
+    fused_groups = engine._fused_groups
+    monkeypatch.setattr(engine, "_fused_groups", lambda *args: grouped.append(fused_groups(*args)) or grouped[-1])
     gen = torch.Generator().manual_seed(0)
-    flat = torch.randn(120, generator=gen)
-    grads = [[torch.randn(40, generator=gen) for _ in range(4)] for _ in range(2)]
+    flat = torch.randn(160, generator=gen)
+    grads = [torch.randn(120, generator=gen) for _ in range(2)]
     runs = []
     for path in ("fused", "per_tensor"):
         buffer = flat.clone()
-        params = [torch.nn.Parameter(buffer[i * 40:(i + 1) * 40]) for i in range(3)] + [torch.nn.Parameter(flat[:40] * 2)]
+        params = [torch.nn.Parameter(buffer[i * 40:(i + 1) * 40]) for i in range(4)]
         assert params[1].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-        runs.append(drive(build("c-adamw", params, path), params, grads))
+        opt = build("adamw", params, path)
+        trajectory = []
+        for g in grads:  # gradients that are views of one bucket, each overlapping the next
+            for p, (start, stop) in zip(params, [(0, 40), (20, 60), (60, 100), (80, 120)]):
+                p.grad = g[start:stop]
+            opt.step()
+            trajectory.append([p.detach().double().clone() for p in params])
+        runs.append(trajectory)
     assert_close(*runs, torch.float32, "views of one buffer")
-    assert [c[1] for c in calls if c[0] == "fused_step"] == [[40], [40], [40, 40]] * 2
+    # groups of two: 1's gradient overlaps 0's, so 0 takes 2 and 1 takes 3 (which overlaps 2's)
+    assert [[group.members for group in groups] for groups in grouped] == [[[0, 2], [1, 3]]] * 2
 
 
 @needs_compiler
@@ -638,3 +648,21 @@ def test_tensors_of_every_rank_share_one_graph(monkeypatch, group_size):
     assert counters["stats"]["unique_graphs"] == 1
     reference = [p.clone().requires_grad_() for p in params0]
     assert_close(fused, drive(build("adamw", reference, "per_tensor"), reference, grads), torch.float32, "ranks")
+
+
+@needs_compiler
+def test_non_contiguous_tensors_step_one_per_call_in_one_graph():
+    """Tensors that keep a non-contiguous layout (transposed matrices) go one per call: contiguous
+    scratch tensors filling up their group would fail the graph's stride guards and compile it again."""
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(30, 20), (40, 20), (30, 50)]
+    params0 = [torch.randn(s, generator=gen).t() for s in shapes]
+    grads = [[torch.randn(s, generator=gen).t() for s in shapes] for _ in range(2)]
+    params = [torch.nn.Parameter(p.clone().t().contiguous().t()) for p in params0]
+    assert not any(p.is_contiguous() for p in params)
+    fused = drive(build("adamw", params, "fused", nonfinite="ignore"), params, grads)
+    assert counters["stats"]["unique_graphs"] == 1
+    reference = [torch.nn.Parameter(p.clone()) for p in params0]
+    assert_close(fused, drive(build("adamw", reference, "per_tensor"), reference, grads), torch.float32, "transposed")

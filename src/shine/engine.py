@@ -542,26 +542,50 @@ class FusedGroup(NamedTuple):
 
 def _fused_groups(pipe: Pipeline, params: list, grads: list, states: list) -> list[FusedGroup]:
     """The bucket's compiled calls: tensors of one graph key in groups of up to
-    :data:`FUSED_GROUP_SIZE` (of 1 for rules that read the shape), in bucket order. Tensors that
-    share memory (views of one buffer) go to different groups: a graph whose inputs alias
-    compiles for that aliasing, and updates through one input could change what another reads.
-    A short group is filled up with scratch tensors, whose updates nothing reads."""
-    size = FUSED_GROUP_SIZE if pipe.precondition in _SHAPE_FREE else 1
-    open_groups: dict[tuple, tuple[list[int], list[FusedArgs], set[int]]] = {}
+    :data:`FUSED_GROUP_SIZE`, in bucket order, a short group filled up with scratch tensors whose
+    updates nothing reads. Tensors whose memory overlaps go to different groups (one's update could
+    change what another reads, and dynamo guards on which inputs overlap); views of disjoint parts
+    of one buffer (flat parameters, DDP's gradient buckets, FSDP2's reduce-scatter output) share
+    groups. One tensor per call for rules that read the shape, and for tensors that keep a
+    non-contiguous layout, which contiguous scratch tensors would not match (a graph guards its
+    inputs' strides)."""
+    open_groups: dict[tuple, list[tuple[list[int], list[FusedArgs], dict[int, list[Tensor]]]]] = {}
     groups = []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         args = _fused_args(pipe, p, g, s)
-        memory = {t.untyped_storage().data_ptr() for t in (args.p, args.g, *args.state.values())}
-        members, items, used = open_groups.get(args.key) or ([], [], set())
-        if len(items) == size or used & memory:
-            members, items, used = [], [], set()
-        if not items:
-            open_groups[args.key] = (members, items, used)
-            groups.append((members, items))
+        tensors = (args.p, args.g, *args.state.values())
+        size = (FUSED_GROUP_SIZE if pipe.precondition in _SHAPE_FREE and all(t.is_contiguous() for t in tensors)
+                else 1)
+        candidates = open_groups.setdefault(args.key + (size,), [])
+        group = next((group for group in candidates if not _overlaps(tensors, group[2])), None)
+        if group is None:
+            group = ([], [], {})
+            candidates.append(group)
+            groups.append((group, size))
+        members, items, memory = group
         members.append(i)
         items.append(args)
-        used |= memory
-    return [_grouped(members, items + _fillers(items[0], size - len(items)), size) for members, items in groups]
+        for t in tensors:
+            memory.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        if len(items) == size:
+            candidates.remove(group)
+    return [_grouped(members, items + _fillers(items[0], size - len(items)), size) for (members, items, _), size in groups]
+
+
+def _overlaps(tensors: tuple[Tensor, ...], memory: dict[int, list[Tensor]]) -> bool:
+    """Whether any of ``tensors`` spans memory that one of a group's tensors (``memory``: by storage) spans."""
+    return any(_spans_overlap(t, other) for t in tensors for other in memory.get(t.untyped_storage().data_ptr(), ()))
+
+
+def _spans_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the bytes from the first to the last element of ``a`` and of ``b`` (in one storage) overlap."""
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _grouped(members: list[int], items: list[FusedArgs], size: int) -> FusedGroup:
