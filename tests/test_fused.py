@@ -593,7 +593,8 @@ def test_groups_of_tensors_share_one_graph(monkeypatch):
     graphs = []
     params = [p.clone().requires_grad_() for p in params0]
     opt = build("adamw", params, "fused")
-    fused = drive(opt, params, grads, lr_schedule(opt), on_step=lambda t: graphs.append(counters["stats"]["unique_graphs"]))
+    fused = drive(opt, params, grads, lr_schedule(opt),
+                  on_step=lambda t: graphs.append(counters["stats"]["unique_graphs"]))
     reference = [p.clone().requires_grad_() for p in params0]
     opt = build("adamw", reference, "per_tensor")
     assert_close(fused, drive(opt, reference, grads, lr_schedule(opt)), torch.float32, "adamw in groups")

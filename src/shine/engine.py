@@ -521,9 +521,10 @@ def _large(params: list, grads: list, states: list) -> tuple[tuple[list, list, l
 #: kernel has streamed through the caches, that host code runs from memory: in a GPT-2 small step
 #: on the 2-core CPU, 280 us per call (``Optimizer.step``'s own time over 50 calls, profiled),
 #: against 50 us for a call between small tensors. A group's kernels also share one parallel
-#: region. Measured there, GPT-2 small, fp32, one process, 25 alternating steps, step time of
-#: groups of 8 over single calls (pair-ratio medians): AdamW 0.94 (``nonfinite="ignore"``) and
-#: 0.96, Lion 0.96, C-AdamW 0.98; 16 gained no more (0.93) and compiled a graph of twice the size.
+#: region. Measured there, GPT-2 small, fp32, one optimizer stepping alternately with groups of 8
+#: and of 1 (21 pairs, pair-ratio medians): AdamW 0.96 (also with ``nonfinite="ignore"``), Lion
+#: 0.96, C-AdamW 0.95, MARS-AdamW 0.95, CAME 1.00 (its matrices go one per call); in a prototype,
+#: 16 gained no more (0.93 against 0.94) and compiled a graph of twice the size.
 FUSED_GROUP_SIZE = 8
 
 
@@ -569,7 +570,8 @@ def _fused_groups(pipe: Pipeline, params: list, grads: list, states: list) -> li
             memory.setdefault(t.untyped_storage().data_ptr(), []).append(t)
         if len(items) == size:
             candidates.remove(group)
-    return [_grouped(members, items + _fillers(items[0], size - len(items)), size) for (members, items, _), size in groups]
+    return [_grouped(members, items + _fillers(items[0], size - len(items)), size)
+            for (members, items, _), size in groups]
 
 
 def _overlaps(tensors: tuple[Tensor, ...], memory: dict[int, list[Tensor]]) -> bool:
