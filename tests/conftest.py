@@ -11,10 +11,10 @@ def fuse_tiny_tensors(monkeypatch):
     """The tests' tensors are tiny; the fused path compiles every one of two elements or more
     (by default it leaves tensors under ``FUSED_MIN_TENSOR_NUMEL`` to the multi-tensor path), one
     tensor per compiled call: the tests compile a few hundred graphs, and a graph of a group of
-    ``FUSED_GROUP_SIZE`` tensors traces each of them (groups of eight took the suite from 4 to over
-    15 minutes, groups of two to 9 with an empty compile cache). The fused path's own tests
-    (``tests/test_fused.py``, ``tests/rules/test_fused.py``, ``tests/test_precision.py``) step in
-    groups of two (:func:`fused_in_pairs`)."""
+    ``FUSED_GROUP_SIZE`` tensors traces each of them (with groups of eight the suite, about 4
+    minutes before, was three quarters done after 13; with groups of two it took 9 with new graphs
+    to compile). The fused path's own tests (``tests/test_fused.py``, ``tests/rules/test_fused.py``,
+    ``tests/test_precision.py``, the CUDA fused test) step in groups of two (:func:`fused_in_pairs`)."""
     monkeypatch.setattr(engine, "FUSED_MIN_TENSOR_NUMEL", 2)
     monkeypatch.setattr(engine, "FUSED_GROUP_SIZE", 1)
 
