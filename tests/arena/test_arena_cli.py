@@ -24,6 +24,7 @@ def test_quick_run_writes_every_optimizer_table_and_figure(tmp_path, capsys):
     rows = {row["optimizer"]: row for row in results["summary"]}
     assert set(rows) == set(runner.DEFAULT_OPTIMIZERS)
     assert results["complete"] and len(results["runs"]) == len(runner.DEFAULT_OPTIMIZERS)
+    assert {run["threads"] for run in results["runs"]} == {results["task"]["threads"]}
     for row in rows.values():
         for key in ("val_loss_mean", "val_loss_std", "train_loss_mean", "time_per_step_ms", "tokens_per_s", "state_mb"):
             assert math.isfinite(row[key]), (row["optimizer"], key)

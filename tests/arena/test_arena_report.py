@@ -92,3 +92,19 @@ def test_a_best_lr_at_the_edge_of_its_grid_is_pointed_out(tmp_path):
     header = {"task": {"data": "x", "model": "nano", "steps": 20, "batch_size": 2, "seq_len": 8, "device": "cpu"}}
     report.write_reports(tmp_path, header, records, list(rows.values()))
     assert f"- {notices[1]}" in (tmp_path / "results.md").read_text()
+
+
+def test_runs_of_different_thread_counts_are_pointed_out(tmp_path):
+    """Runs timed with different numbers of threads (an arena resumed with another --threads) get a
+    note that their times compare only within one count; runs of one count, or logged before the
+    count was recorded, get none."""
+    threaded = [dict(r, threads=2) for r in RECORDS[:4]] + [dict(r, threads=1) for r in RECORDS[4:]]
+    assert report.threads_notice(threaded) == (
+        "the runs reported ran with different numbers of threads (4 with 1, 4 with 2): ms/step and "
+        "tokens/s compare only runs of one thread count (each run's is in results.json)")
+    assert report.threads_notice([dict(r, threads=2) for r in RECORDS]) is None
+    assert report.threads_notice(RECORDS + [dict(RECORDS[0], threads=2)]) is None
+    rows = report.summarize(threaded, ["adamw", "lion", "came"])
+    header = {"task": {"data": "x", "model": "nano", "steps": 20, "batch_size": 2, "seq_len": 8, "device": "cpu"}}
+    report.write_reports(tmp_path, header, threaded, rows)
+    assert f"- {report.threads_notice(threaded)}" in (tmp_path / "results.md").read_text()

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + report.markdown_table(rows))
     if any(len(grid) > 1 for grid in config.lr_grids.values()):
         print("\n" + report.markdown_lr_grid(rows))
-    for notice in report.edge_notices(rows):
+    for notice in report.notices(records, rows):
         print(f"note: {notice}")
     print("\nwritten: " + ", ".join(str(p) for p in paths))
     if interrupted:

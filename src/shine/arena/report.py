@@ -161,6 +161,25 @@ def edge_notices(rows: Sequence[dict[str, Any]]) -> list[str]:
     return notices
 
 
+def notices(records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What the reports say below their tables: :func:`edge_notices` and :func:`threads_notice`."""
+    threads = threads_notice(records)
+    return edge_notices(rows) + ([threads] if threads else [])
+
+
+def threads_notice(records: Sequence[dict[str, Any]]) -> str | None:
+    """A line where the reported runs ran with different numbers of threads (an arena resumed with
+    another ``--threads``, or on a machine whose load changed its default): their times per step
+    and tokens per second then compare only runs of one thread count. Runs logged before the
+    count was recorded are left out."""
+    counts = sorted({r["threads"] for r in records if r.get("threads") is not None})
+    if len(counts) < 2:
+        return None
+    by_count = ", ".join(f"{sum(r.get('threads') == n for r in records)} with {n}" for n in counts)
+    return (f"the runs reported ran with different numbers of threads ({by_count}): ms/step and tokens/s "
+            f"compare only runs of one thread count (each run's is in results.json)")
+
+
 def _loss(mean: float, std: float, seeds: int) -> str:
     if math.isinf(mean):
         return "diverged"
@@ -241,8 +260,7 @@ def write_reports(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
         + ("" if header.get("complete", True) else
            f"**Partial**: interrupted after {len(records)} finished run(s); `--resume` runs the rest.\n\n")
         + f"{markdown_table(rows)}\n\n## Learning rates tried\n\n{markdown_lr_grid(rows)}\n"
-        + "".join(f"\n- {notice}" for notice in edge_notices(rows))
-        + ("\n" if edge_notices(rows) else "")
+        + "".join(f"\n- {notice}\n" for notice in notices(records, rows))
     )
     written = [json_path, md_path]
     png = plot_curves(out_dir / REPORTS[2], records, rows)

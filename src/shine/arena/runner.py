@@ -189,6 +189,7 @@ def train_run(
         "train_losses": train_losses,
         "grad_norms": grad_norms,
         "clipped_fraction": sum(n > GRAD_CLIP for n in grad_norms) / steps_done,
+        "threads": torch.get_num_threads(),  # what its time per step was measured with
         "time_per_step_s": train_time / steps_done,
         "tokens_per_s": task.batch_size * task.seq_len * steps_done / max(train_time, 1e-9),
         "state_mb": parallel.global_sum(shine.optimizer_state_bytes(opt), task.device) / 1e6,  # every process's shard
