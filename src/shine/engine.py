@@ -284,9 +284,8 @@ def prepare_bucket(path: str, pipe: Pipeline, params: list[Tensor], grads: list[
                                      group_size=len(group.params))
         except _CompileFailed:
             return None
-        probes += [(grads[i], r.pop("probe")) for i, r in zip(group.members, results)]
-        for r in results[len(group.members):]:
-            del r["probe"]
+        found = [r.pop("probe") for r in results]  # the step takes the rest; the fillers' probes go unread
+        probes += [(grads[i], probe) for i, probe in zip(group.members, found)]
         calls.append((group, results))
     return PreparedBucket(packed, calls, probes)
 
@@ -509,10 +508,14 @@ def _run_fused(pipe: Pipeline, params, grads, states, hyper, prepared: PreparedB
 
 
 def _large(params: list, grads: list, states: list) -> tuple[tuple[list, list, list], tuple[list, list, list]]:
-    """The bucket split into the tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements and the rest."""
-    small = [p.numel() < FUSED_MIN_TENSOR_NUMEL for p in params]
-    return ((_where(small, params, True), _where(small, grads, True), _where(small, states, True)),
-            (_where(small, params, False), _where(small, grads, False), _where(small, states, False)))
+    """The bucket split into the tensors under :data:`FUSED_MIN_TENSOR_NUMEL` elements and the rest,
+    each as (parameters, gradients, states)."""
+    small: tuple[list, list, list] = ([], [], [])
+    large: tuple[list, list, list] = ([], [], [])
+    for item in zip(params, grads, states):
+        for seq, value in zip(small if item[0].numel() < FUSED_MIN_TENSOR_NUMEL else large, item):
+            seq.append(value)
+    return small, large
 
 
 #: The fused path steps the tensors of a shape-free rule (:data:`_SHAPE_FREE`: AdamW, Lion, MARS
@@ -554,8 +557,8 @@ def _fused_groups(pipe: Pipeline, params: list, grads: list, states: list) -> li
     groups = []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         args = _fused_args(pipe, p, g, s)
-        tensors = (args.p, args.g, *args.state.values())
-        size = (FUSED_GROUP_SIZE if pipe.precondition in _SHAPE_FREE and all(t.is_contiguous() for t in tensors)
+        tensors = [(t.untyped_storage().data_ptr(), t) for t in (args.p, args.g, *args.state.values())]
+        size = (FUSED_GROUP_SIZE if pipe.precondition in _SHAPE_FREE and all(t.is_contiguous() for _, t in tensors)
                 else 1)
         candidates = open_groups.setdefault(args.key + (size,), [])
         group = next((group for group in candidates if not _overlaps(tensors, group[2])), None)
@@ -566,17 +569,18 @@ def _fused_groups(pipe: Pipeline, params: list, grads: list, states: list) -> li
         members, items, memory = group
         members.append(i)
         items.append(args)
-        for t in tensors:
-            memory.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        for storage, t in tensors:
+            memory.setdefault(storage, []).append(t)
         if len(items) == size:
             candidates.remove(group)
     return [_grouped(members, items + _fillers(items[0], size - len(items)), size)
             for (members, items, _), size in groups]
 
 
-def _overlaps(tensors: tuple[Tensor, ...], memory: dict[int, list[Tensor]]) -> bool:
-    """Whether any of ``tensors`` spans memory that one of a group's tensors (``memory``: by storage) spans."""
-    return any(_spans_overlap(t, other) for t in tensors for other in memory.get(t.untyped_storage().data_ptr(), ()))
+def _overlaps(tensors: list[tuple[int, Tensor]], memory: dict[int, list[Tensor]]) -> bool:
+    """Whether any of ``tensors`` (``(storage, tensor)`` pairs) spans memory that one of a group's
+    tensors (``memory``: by storage) spans."""
+    return any(_spans_overlap(t, other) for storage, t in tensors for other in memory.get(storage, ()))
 
 
 def _spans_overlap(a: Tensor, b: Tensor) -> bool:
@@ -754,10 +758,6 @@ def _stance_not_default() -> bool:
 
 _CACHE_ENTRIES: Callable | None = getattr(torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
 _ENTRY_FUNCTIONS: dict = {}
-
-
-def _where(mask: list[bool], items: list, keep: bool) -> list:
-    return [item for item, m in zip(items, mask) if m == keep]
 
 
 def fused_step(pipe: Pipeline, params: list, grads: list, states: list[dict[str, Any]], packed: Tensor,

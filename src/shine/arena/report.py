@@ -147,7 +147,7 @@ def _edge(grid: Sequence[dict[str, Any]], best: dict[str, Any]) -> str | None:
 def edge_notices(rows: Sequence[dict[str, Any]]) -> list[str]:
     """A line for each optimizer whose best lr is the lowest or highest of its grid, naming the next
     lr beyond it (the grid's own ratio between its last two lrs) to add with ``--lr``."""
-    notices = []
+    lines = []
     for r in rows:
         edge = r.get("best_lr_at_edge")
         if edge is None:
@@ -155,10 +155,10 @@ def edge_notices(rows: Sequence[dict[str, Any]]) -> list[str]:
         lrs = [g["lr"] for g in r["lr_grid"]]
         end, inner = (lrs[0], lrs[1]) if edge == "lowest" else (lrs[-1], lrs[-2])
         beyond = float(f"{end * end / inner:.3g}")
-        notices.append(f"{r['optimizer']}: its best lr {end:.6g} is the {edge} of the {len(lrs)} tried, so a "
-                       f"{'lower' if edge == 'lowest' else 'higher'} one may do better; try adding {beyond:.6g} "
-                       f"(--lr {r['optimizer']}={','.join(f'{lr:.6g}' for lr in sorted([*lrs, beyond]))})")
-    return notices
+        lines.append(f"{r['optimizer']}: its best lr {end:.6g} is the {edge} of the {len(lrs)} tried, so a "
+                     f"{'lower' if edge == 'lowest' else 'higher'} one may do better; try adding {beyond:.6g} "
+                     f"(--lr {r['optimizer']}={','.join(f'{lr:.6g}' for lr in sorted([*lrs, beyond]))})")
+    return lines
 
 
 def notices(records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[str]:
